@@ -1,0 +1,183 @@
+"""Checkpoint I/O: the released `.bin` state dicts and our `config.json` + `model.safetensors` folders.
+
+Our format is a folder holding `config.json` ({"model_type": ..., **config fields}) and
+`model.safetensors` with the same config in its metadata. State-dict keys are those of the released
+checkpoints (`embedding_layer.*`, `diff_model.*`), so both formats load with `strict=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ORIGINAL_WEIGHTS_NAME = "diffusion_pytorch_model.bin"
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be used as it is; the message says why and what to do."""
+
+
+def _model_registry() -> dict[str, tuple[type, type]]:
+    """model_type -> (config class, model class); imported lazily to keep this module light."""
+    from moebius.models import student
+
+    registry = {"moebius": (student.MoebiusConfig, student.MoebiusUNet)}
+    try:
+        from moebius.models import teacher
+
+        registry["pixelhacker"] = (teacher.PixelHackerConfig, teacher.PixelHackerUNet)
+    except ImportError:  # pragma: no cover - teacher module absent in a stripped install
+        pass
+    return registry
+
+
+def model_type_of(model_or_config: Any) -> str:
+    """The `model_type` string under which a model or config is saved."""
+    config = getattr(model_or_config, "config", model_or_config)
+    for name, (config_cls, _) in _model_registry().items():
+        if isinstance(config, config_cls):
+            return name
+    raise TypeError(f"no registered model type for {type(config).__name__}")
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a plain tensor state dict from `.safetensors` or a released `.bin` (never unpickles code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as err:
+        raise CheckpointError(
+            f"{path} is not a plain tensor state dict and was not loaded (it may contain pickled "
+            f"Python objects, which could run code). Re-save it as `torch.save(model.state_dict())` "
+            f"or as safetensors. Loader said: {str(err).splitlines()[0]}"
+        ) from err
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(
+            f"{path} holds a {type(state).__name__}, not a dict of name -> tensor; expected a plain "
+            "state dict like the released diffusion_pytorch_model.bin"
+        )
+    return state
+
+
+def save_original(model: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write the released layout: `torch.save` of a plain state dict (optionally cast to `dtype`)."""
+    state = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu()
+        for k, v in model.state_dict().items()
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Dataclass config -> JSON-ready dict with its `model_type`."""
+    return {"model_type": model_type_of(config), **dataclasses.asdict(config)}
+
+
+def config_from_dict(data: dict[str, Any]):
+    """Inverse of `config_to_dict`: lists become tuples so frozen configs compare equal."""
+    data = dict(data)
+    model_type = data.pop("model_type", "moebius")
+    registry = _model_registry()
+    if model_type not in registry:
+        raise CheckpointError(f"unknown model_type {model_type!r}; known: {sorted(registry)}")
+    config_cls = registry[model_type][0]
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise CheckpointError(f"config.json has fields {config_cls.__name__} does not know: {unknown}")
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return config_cls(**data)
+
+
+def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
+    """Save `config.json` + `model.safetensors` (config also in the safetensors metadata)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config_json = json.dumps(config_to_dict(model.config), indent=2)
+    (directory / CONFIG_NAME).write_text(config_json + "\n")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"config": config_json})
+    return directory
+
+
+def load_config(directory: str | Path):
+    """Read the config of a saved model folder."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a model folder holds {CONFIG_NAME} + {WEIGHTS_NAME}")
+    return config_from_dict(json.loads(path.read_text()))
+
+
+def build_model(config) -> nn.Module:
+    """Construct the model class that belongs to `config` (random init)."""
+    return _model_registry()[model_type_of(config)][1](config)
+
+
+def load_into(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a weights file into `model` strictly, with an error that lists what does not fit."""
+    state = load_state_dict_file(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if wrong:
+            k = wrong[0]
+            details.append(
+                f"{len(wrong)} of another shape (e.g. {k}: file {list(state[k].shape)}, "
+                f"model {list(own[k].shape)})"
+            )
+        raise CheckpointError(
+            f"{path} does not fit {type(model).__name__}: " + "; ".join(details)
+            + ". Check that the config matches the weights (e.g. --model, variant or config.json)."
+        )
+    # load_state_dict copies into the model's own dtype, so 16-bit files load into fp32 models.
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_pretrained(directory: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a folder in our format (or a folder with config.json + a released .bin); eval mode."""
+    directory = Path(directory)
+    config = load_config(directory)
+    for name in (WEIGHTS_NAME, ORIGINAL_WEIGHTS_NAME):
+        if (directory / name).is_file():
+            break
+    else:
+        raise FileNotFoundError(
+            f"no weights in {directory}: expected {WEIGHTS_NAME} (or {ORIGINAL_WEIGHTS_NAME})"
+        )
+    model = load_into(build_model(config), directory / name)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def convert_original(bin_path: str | Path, config, out_dir: str | Path) -> Path:
+    """Turn a released `.bin` into our folder format (fp32)."""
+    model = load_into(build_model(config), bin_path)
+    logger.info("converted %s -> %s", bin_path, out_dir)
+    return save_pretrained(model, out_dir)
