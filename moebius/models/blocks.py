@@ -21,8 +21,9 @@ class DepthwiseSeparableConv(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, skip: bool = True):
         super().__init__()
-        self.conv_dw = nn.Conv2d(in_ch, in_ch, kernel_size, padding=kernel_size // 2,
-                                 groups=in_ch, bias=False)
+        self.conv_dw = nn.Conv2d(
+            in_ch, in_ch, kernel_size, padding=kernel_size // 2, groups=in_ch, bias=False
+        )
         self.bn1 = nn.BatchNorm2d(in_ch)
         self.conv_pw = nn.Conv2d(in_ch, out_ch, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_ch)
@@ -91,8 +92,16 @@ class LambdaTransformerBlock(nn.Module):
     Runs on NCHW maps: the original flattens to row-major tokens and back, which is the same math.
     """
 
-    def __init__(self, dim: int, context_dim: int, heads: int, grid: int, context_len: int,
-                 local_size: int, mlp_ratio: float):
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int,
+        heads: int,
+        grid: int,
+        context_len: int,
+        local_size: int,
+        mlp_ratio: float,
+    ):
         super().__init__()
         dim_k = dim // heads
         self.norm1 = nn.LayerNorm(dim)
@@ -154,8 +163,17 @@ class Upsample2D(nn.Module):
 class DownStage(nn.Module):
     """[resnet, transformer] x layers, then an optional stride-2 downsampler; pushes every skip."""
 
-    def __init__(self, in_ch: int, out_ch: int, layers: int, downsample: bool, temb_dim: int,
-                 groups: int, eps: float, **transformer_kwargs):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        layers: int,
+        downsample: bool,
+        temb_dim: int,
+        groups: int,
+        eps: float,
+        **transformer_kwargs,
+    ):
         super().__init__()
         self.resnets = nn.ModuleList(
             DWResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_dim, groups, eps)
@@ -179,8 +197,17 @@ class DownStage(nn.Module):
 class UpStage(nn.Module):
     """[cat(x, skip) -> resnet -> transformer] x (layers + 1), then an optional 2x upsampler."""
 
-    def __init__(self, prev_ch: int, out_ch: int, skip_chs: list[int], upsample: bool,
-                 temb_dim: int, groups: int, eps: float, **transformer_kwargs):
+    def __init__(
+        self,
+        prev_ch: int,
+        out_ch: int,
+        skip_chs: list[int],
+        upsample: bool,
+        temb_dim: int,
+        groups: int,
+        eps: float,
+        **transformer_kwargs,
+    ):
         super().__init__()
         in_chs = [prev_ch] + [out_ch] * (len(skip_chs) - 1)
         self.resnets = nn.ModuleList(

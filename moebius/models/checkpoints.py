@@ -1,4 +1,4 @@
-"""Checkpoint I/O: the released `.bin` state dicts and our `config.json` + `model.safetensors` folders.
+"""Checkpoint I/O: released `.bin` state dicts and our `config.json` + `model.safetensors` folders.
 
 Our format is a folder holding `config.json` ({"model_type": ..., **config fields}) and
 `model.safetensors` with the same config in its metadata. State-dict keys are those of the released
@@ -53,7 +53,7 @@ def model_type_of(model_or_config: Any) -> str:
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a plain tensor state dict from `.safetensors` or a released `.bin` (never unpickles code)."""
+    """Read a plain tensor state dict from `.safetensors` or a released `.bin` (no code unpickled)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -64,21 +64,23 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as err:
         raise CheckpointError(
             f"{path} is not a plain tensor state dict and was not loaded (it may contain pickled "
-            f"Python objects, which could run code). Re-save it as `torch.save(model.state_dict())` "
+            f"Python objects, which could run code). Re-save it as "
+            "`torch.save(model.state_dict())` "
             f"or as safetensors. Loader said: {str(err).splitlines()[0]}"
         ) from err
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise CheckpointError(
-            f"{path} holds a {type(state).__name__}, not a dict of name -> tensor; expected a plain "
+            f"{path} holds a {type(state).__name__}, not a dict of name -> tensor; "
+            "expected a plain "
             "state dict like the released diffusion_pytorch_model.bin"
         )
     return state
 
 
 def save_original(model: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """Write the released layout: `torch.save` of a plain state dict (optionally cast to `dtype`)."""
+    """Write the released layout: `torch.save` of a plain state dict (optionally in `dtype`)."""
     state = {
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu()
         for k, v in model.state_dict().items()
@@ -103,7 +105,9 @@ def config_from_dict(data: dict[str, Any]):
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise CheckpointError(f"config.json has fields {config_cls.__name__} does not know: {unknown}")
+        raise CheckpointError(
+            f"config.json has fields {config_cls.__name__} does not know: {unknown}"
+        )
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     return config_cls(**data)
 
@@ -123,7 +127,9 @@ def load_config(directory: str | Path):
     """Read the config of a saved model folder."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a model folder holds {CONFIG_NAME} + {WEIGHTS_NAME}")
+        raise FileNotFoundError(
+            f"{path} not found: a model folder holds {CONFIG_NAME} + {WEIGHTS_NAME}"
+        )
     return config_from_dict(json.loads(path.read_text()))
 
 
@@ -152,7 +158,8 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
                 f"model {list(own[k].shape)})"
             )
         raise CheckpointError(
-            f"{path} does not fit {type(model).__name__}: " + "; ".join(details)
+            f"{path} does not fit {type(model).__name__}: "
+            + "; ".join(details)
             + ". Check that the config matches the weights (e.g. --model, variant or config.json)."
         )
     # load_state_dict copies into the model's own dtype, so 16-bit files load into fp32 models.
@@ -160,8 +167,9 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def load_pretrained(directory: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> nn.Module:
+def load_pretrained(
+    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> nn.Module:
     """Load a folder in our format (or a folder with config.json + a released .bin); eval mode."""
     directory = Path(directory)
     config = load_config(directory)

@@ -39,7 +39,7 @@ class TimestepEmbedding(nn.Module):
 
 
 def expand_timesteps(timesteps: torch.Tensor | int | float, batch: int, device) -> torch.Tensor:
-    """Timesteps of shape [], [1] or [B] -> [B] (int or float) on `device`; anything else is an error."""
+    """Timesteps of shape [], [1] or [B] -> [B] on `device`; any other shape is an error."""
     t = torch.as_tensor(timesteps, device=device)
     if t.ndim == 0:
         t = t[None]

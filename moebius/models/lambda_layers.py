@@ -38,8 +38,9 @@ class PositionConv(nn.Module):
         """values [B, v, H, W] -> position lambdas [B, k, v, H*W]."""
         b, v, hgt, wid = values.shape
         weight = self.weight[:, :, 0]  # (k, 1, r, r)
-        out = F.conv2d(values.reshape(b * v, 1, hgt, wid), weight, self.bias,
-                       padding=weight.shape[-1] // 2)  # (B*v, k, H, W)
+        out = F.conv2d(
+            values.reshape(b * v, 1, hgt, wid), weight, self.bias, padding=weight.shape[-1] // 2
+        )  # (B*v, k, H, W)
         return out.reshape(b, v, -1, hgt * wid).transpose(1, 2)  # (B, k, v, n)
 
 
@@ -78,8 +79,9 @@ class CrossLambda(nn.Module):
     the released weights run only at their native latent size.
     """
 
-    def __init__(self, dim: int, context_dim: int, heads: int, dim_k: int, grid: int,
-                 context_len: int):
+    def __init__(
+        self, dim: int, context_dim: int, heads: int, dim_k: int, grid: int, context_len: int
+    ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"channels {dim} must divide into {heads} heads")
@@ -93,7 +95,7 @@ class CrossLambda(nn.Module):
         self.norm_v = nn.BatchNorm1d(self.dim_v)
 
     def context_lambdas(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """context [B, l, D] -> (content lambda [B, k, v], values [B, v, l]); depends on ids only."""
+        """context [B, l, D] -> (content lambda [B, k, v], values [B, v, l]); ids-only."""
         keys = self.to_k(context).transpose(1, 2).softmax(dim=-1)  # (B, k, l), over tokens
         values = self.norm_v(self.to_v(context).transpose(1, 2))  # (B, v, l)
         return torch.einsum("bkl,bvl->bkv", keys, values), values

@@ -64,8 +64,14 @@ class MoebiusConfig:
     @classmethod
     def tiny(cls) -> MoebiusConfig:
         """A few-hundred-k-parameter model with every block type, for fast tests."""
-        return cls(sample_size=16, block_out_channels=(16, 32, 64), num_heads=4,
-                   cross_attention_dim=32, encoder_hid_dim=32, norm_num_groups=8)
+        return cls(
+            sample_size=16,
+            block_out_channels=(16, 32, 64),
+            num_heads=4,
+            cross_attention_dim=32,
+            encoder_hid_dim=32,
+            norm_num_groups=8,
+        )
 
     @classmethod
     def from_original(cls, cfg: dict[str, Any], num_embeddings: int = 20) -> MoebiusConfig:
@@ -74,9 +80,13 @@ class MoebiusConfig:
         sample_size = cfg["data"]["image_size"] // cfg["vae"]["downsample_ratio"]
         if "sample_size" in model and model["sample_size"] != sample_size:
             raise ValueError(f"model.sample_size {model['sample_size']} != image/vae {sample_size}")
-        for key, expected in [("in_channels", 9), ("mid_block_type", None),
-                              ("use_lambda_cross_attn", True), ("use_local_self_attn", True),
-                              ("encoder_hid_dim_type", "text_proj")]:
+        for key, expected in [
+            ("in_channels", 9),
+            ("mid_block_type", None),
+            ("use_lambda_cross_attn", True),
+            ("use_local_self_attn", True),
+            ("encoder_hid_dim_type", "text_proj"),
+        ]:
             if key in model and model[key] != expected and key != "in_channels":
                 raise ValueError(f"unsupported original setting {key}={model[key]!r}")
         heads = model.get("num_attention_heads") or model.get("attention_head_dim", 8)
@@ -118,9 +128,14 @@ class LambdaUNet(nn.Module):
         self.encoder_hid_proj = nn.Linear(cfg.encoder_hid_dim, cfg.cross_attention_dim)
 
         def block_kwargs(level: int) -> dict:
-            return dict(context_dim=cfg.cross_attention_dim, heads=cfg.num_heads,
-                        grid=cfg.sample_size // 2**level, context_len=cfg.context_len,
-                        local_size=cfg.local_lambda_size, mlp_ratio=cfg.mix_mlp_ratio)
+            return dict(
+                context_dim=cfg.cross_attention_dim,
+                heads=cfg.num_heads,
+                grid=cfg.sample_size // 2**level,
+                context_len=cfg.context_len,
+                local_size=cfg.local_lambda_size,
+                mlp_ratio=cfg.mix_mlp_ratio,
+            )
 
         levels = len(chs)
         skip_chs = [chs[0]]  # channels of every pushed skip, in push order
@@ -128,26 +143,47 @@ class LambdaUNet(nn.Module):
         for i, out_ch in enumerate(chs):
             last = i == levels - 1
             in_ch = chs[max(i - 1, 0)]
-            self.down_blocks.append(DownStage(in_ch, out_ch, cfg.layers_per_block, not last,
-                                              temb_dim, groups, eps, **block_kwargs(i)))
+            self.down_blocks.append(
+                DownStage(
+                    in_ch,
+                    out_ch,
+                    cfg.layers_per_block,
+                    not last,
+                    temb_dim,
+                    groups,
+                    eps,
+                    **block_kwargs(i),
+                )
+            )
             skip_chs += [out_ch] * (cfg.layers_per_block + (0 if last else 1))
         self.up_blocks = nn.ModuleList()
         prev_ch = chs[-1]
         for i, out_ch in enumerate(reversed(chs)):
             level = levels - 1 - i
             stage_skips = [skip_chs.pop() for _ in range(cfg.layers_per_block + 1)]
-            self.up_blocks.append(UpStage(prev_ch, out_ch, stage_skips, level > 0, temb_dim,
-                                          groups, eps, **block_kwargs(level)))
+            self.up_blocks.append(
+                UpStage(
+                    prev_ch,
+                    out_ch,
+                    stage_skips,
+                    level > 0,
+                    temb_dim,
+                    groups,
+                    eps,
+                    **block_kwargs(level),
+                )
+            )
             prev_ch = out_ch
         self.conv_norm_out = nn.GroupNorm(groups, chs[0], eps=eps)
         self.conv_out = DepthwiseSeparableConv(chs[0], cfg.out_channels)
         self.cfg = cfg
 
     def forward(self, sample, timesteps, context, return_features: bool = False):
-        """sample [B, 9, s, s], timesteps [B], context [B, l, encoder_hid_dim] -> eps [B, 4, s, s]."""
+        """sample [B, 9, s, s], timesteps [B], context [B, l, D_hid] -> eps [B, 4, s, s]."""
         cfg = self.cfg
-        t_feats = timestep_sinusoid(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
-                                    cfg.freq_shift).to(sample.dtype)
+        t_feats = timestep_sinusoid(
+            timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift
+        ).to(sample.dtype)
         temb = self.time_embedding(t_feats)  # (B, 4*C0)
         context = self.encoder_hid_proj(context)  # (B, l, cross_attention_dim)
         x = self.conv_in(sample)
@@ -171,8 +207,13 @@ class MoebiusUNet(nn.Module):
         self.embedding_layer = nn.Embedding(self.config.num_embeddings, self.config.encoder_hid_dim)
         self.diff_model = LambdaUNet(self.config)
 
-    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor | int,
-                input_ids: torch.Tensor, return_features: bool = False):
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor | int,
+        input_ids: torch.Tensor,
+        return_features: bool = False,
+    ):
         """eps [B, 4, s, s]; with `return_features`, also the 6 stage outputs (down0-2, up0-2)."""
         self._check_inputs(sample, input_ids)
         timesteps = expand_timesteps(timesteps, sample.shape[0], sample.device)
@@ -201,5 +242,7 @@ class MoebiusUNet(nn.Module):
                 f"{input_ids.dtype} {list(input_ids.shape)}"
             )
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= cfg.num_embeddings):
-            raise ValueError(f"input_ids must lie in [0, {cfg.num_embeddings}), got "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+            raise ValueError(
+                f"input_ids must lie in [0, {cfg.num_embeddings}), got "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+            )
