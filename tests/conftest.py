@@ -9,7 +9,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def shared_path(*parts: str) -> Path:
-    """Path into ../shared: skips when absent on a user's machine, fails under CI (always has it)."""
+    """Path into ../shared: skips when absent on a user's machine, fails when CI=true."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
         if os.environ.get("CI") == "true":

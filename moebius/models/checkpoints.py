@@ -53,7 +53,7 @@ def model_type_of(model_or_config: Any) -> str:
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a plain tensor state dict from `.safetensors` or a released `.bin` (no code unpickled)."""
+    """Read a plain tensor state dict from `.safetensors` or a released `.bin` (no code run)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
