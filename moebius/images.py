@@ -1,0 +1,214 @@
+"""Image I/O for the pipeline: load (EXIF, modes, bit depth), 8-bit RGB for the model and back,
+PIL <-> tensor conversions that match the original recipe bit for bit, and atomic saving.
+
+The model sees 8-bit RGB only. `to_rgb` converts any PIL mode and records what it dropped in an
+`ImageInfo`; `restore` puts the result back into the input's mode where the output can hold it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+# Modes that carry an alpha channel we keep aside and re-attach untouched.
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# High-bit-depth greyscale modes: full range of the type, scaled to 0..255 (see `gray_to_8bit`).
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# Formats that cannot store an alpha channel (PIL names, as in `Image.registered_extensions()`).
+_NO_ALPHA_FORMATS = ("JPEG", "JPEG2000", "MPO")
+
+
+class ImageError(ValueError):
+    """An image file cannot be read or written; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What `to_rgb` changed about an input, so that `restore` can undo it."""
+
+    mode: str  # the input's PIL mode, e.g. "RGBA", "L", "P", "I;16"
+    size: tuple[int, int]  # (W, H)
+    alpha: Image.Image | None = None  # the input's alpha channel ('L'), None when it had none
+    bit_depth: int = 8  # bits per channel of the input: 1, 8, 16 or 32
+
+    @property
+    def grayscale(self) -> bool:
+        """True for single-channel inputs (1, L, LA, I;16, I, F)."""
+        return self.mode in ("1", "L", "LA", "La", *_HIGH_DEPTH_MODES)
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image file, upright (EXIF orientation applied); else ImageError."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: truncated files fail here, not later in the pipeline
+            upright = ImageOps.exif_transpose(image)
+    except FileNotFoundError as err:
+        raise ImageError(f"image file {str(path)!r} does not exist; check the path") from err
+    except IsADirectoryError as err:
+        raise ImageError(f"{str(path)!r} is a folder, not an image file") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ImageError(
+            f"cannot read image file {str(path)!r} ({type(err).__name__}: {err}); it is corrupt, "
+            "truncated or not an image: re-export it as PNG or JPEG"
+        ) from err
+    return upright
+
+
+def gray_to_8bit(image: Image.Image) -> Image.Image:
+    """High-bit-depth greyscale -> 'L', scaling the type's full range onto 0..255 (rounded).
+
+    I;16* and I are read as 16-bit data (0..65535 -> /257; PIL opens 16-bit PNG/TIFF greyscale as
+    I;16 or I), F as floats in [0, 1] (x255). Values outside the range are clipped. PIL's own
+    `convert("L")` would clip instead of scale, turning most 16-bit photos white.
+    """
+    values = np.asarray(image).astype(np.float64)
+    scale = 255.0 if image.mode == "F" else 255.0 / 65535.0
+    return Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8))
+
+
+def _alpha_of(image: Image.Image) -> Image.Image | None:
+    """The alpha channel of `image` as 'L', or None (P images with a transparent index included)."""
+    if image.mode in _ALPHA_MODES:
+        return image.getchannel("A") if image.mode not in ("RGBa", "La") else image.getchannel("a")
+    if image.mode == "P" and "transparency" in image.info:
+        return image.convert("RGBA").getchannel("A")
+    return None
+
+
+def to_rgb(image: Image.Image) -> tuple[Image.Image, ImageInfo]:
+    """Any PIL image -> (8-bit RGB for the model, ImageInfo to `restore` the input's mode).
+
+    Alpha (RGBA, LA, PA, P with transparency) is set aside, not composited: the RGB values under
+    transparent pixels are used as they are. CMYK/YCbCr/LAB/HSV use PIL's conversion (no ICC
+    colour management). 16-bit and 32-bit greyscale are scaled to 8 bits (see `gray_to_8bit`).
+    """
+    mode = image.mode
+    bit_depth = {"1": 1, "I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 32, "F": 32}
+    info = ImageInfo(
+        mode=mode, size=image.size, alpha=_alpha_of(image), bit_depth=bit_depth.get(mode, 8)
+    )
+    if mode == "RGB":
+        return image.copy(), info
+    if mode in _HIGH_DEPTH_MODES:
+        return gray_to_8bit(image).convert("RGB"), info
+    if mode == "P" and info.alpha is not None:
+        return image.convert("RGBA").convert("RGB"), info
+    if mode in ("RGBa", "La"):  # premultiplied alpha: undo it first
+        image = image.convert("RGBA" if mode == "RGBa" else "LA")
+    try:
+        return image.convert("RGB"), info
+    except ValueError as err:
+        raise ImageError(
+            f"cannot convert PIL mode {mode!r} to RGB ({err}); convert the image to RGB first"
+        ) from err
+
+
+def restore(result_rgb: Image.Image, info: ImageInfo) -> Image.Image:
+    """The model's RGB result -> the input's mode where an output file can hold it.
+
+    Rules (input mode -> output mode):
+      RGB -> RGB; RGBA / RGBa / P with transparency -> RGBA and LA / La / PA -> LA (RGBA for PA),
+      each with the input's alpha channel re-attached untouched; L and 1 -> L (ITU-R 601 luma of
+      the result; 1 becomes L because a 1-bit image cannot hold the fill's grey levels);
+      16-bit / 32-bit greyscale (I;16*, I, F) -> L, 8-bit: the model works in 8 bits, so writing
+      16 bits back would only pretend to a precision the fill does not have;
+      P without transparency, CMYK, YCbCr, LAB, HSV -> RGB (the fill's colours do not fit a palette,
+      and RGB is what PNG/JPEG viewers expect).
+    """
+    if result_rgb.mode != "RGB" or result_rgb.size != info.size:
+        raise ValueError(
+            f"restore expects an RGB image of size {info.size}, got mode {result_rgb.mode!r} "
+            f"size {result_rgb.size}; pass the pipeline's output for this input"
+        )
+    if info.grayscale:
+        out = result_rgb.convert("L")
+        if info.alpha is not None:
+            out.putalpha(info.alpha)  # L -> LA
+        return out
+    out = result_rgb.copy()
+    if info.alpha is not None:
+        out.putalpha(info.alpha)  # RGB -> RGBA
+    return out
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB image -> [1, 3, H, W] float32 in [-1, 1], bit-exact with the original recipe.
+
+    `x / 255. * 2 - 1` is computed by numpy in float64 and cast to float32 last. The tensor keeps
+    the HWC memory layout (channels_last strides) like the original: `randn_like` on latents
+    derived from it fills memory in that order, so the layout matters for reproducing draws.
+    """
+    if img.mode != "RGB":
+        raise ValueError(f"pil_to_tensor expects an RGB image, got mode {img.mode!r}; use to_rgb")
+    pixels = np.asarray(img) / 255.0 * 2 - 1  # (H, W, 3) float64
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None].to(torch.float32)  # (1, 3, H, W)
+
+
+def tensor_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [0, 1] -> [B, H, W, 3] uint8: clamp, x255 in the tensor's dtype, truncate."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"tensor_to_uint8 expects [B, 3, H, W], got {tuple(images.shape)}")
+    scaled = images.detach().cpu().permute(0, 2, 3, 1).clamp(0, 1) * 255  # (B, H, W, 3)
+    return scaled.numpy().astype(np.uint8)  # truncation, no rounding, as the original
+
+
+def _format_for(path: Path, save_kwargs: dict) -> str:
+    """PIL format name for `path`: the `format` keyword if given, else from the extension."""
+    if save_kwargs.get("format"):
+        return str(save_kwargs["format"]).upper()
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ImageError(
+            f"cannot tell the image format of {str(path)!r} from its extension "
+            f"{path.suffix!r}; use .png (lossless, keeps alpha), .jpg or .webp"
+        )
+    return fmt
+
+
+def save_image_atomic(image: Image.Image, path: str | os.PathLike, **save_kwargs) -> None:
+    """Write `image` to `path` via a temporary file in the same folder and `os.replace`.
+
+    A crash or a failed encode never leaves a partial file at `path`. The format comes from the
+    extension (or `format=`). An image with alpha (RGBA, LA, PA) to a format without alpha (JPEG)
+    raises ImageError suggesting .png, rather than silently dropping the alpha: convert to RGB
+    first if that is what you want. A new file gets permissions 0o644, an existing one keeps its.
+    """
+    path = Path(path)
+    save_kwargs = dict(save_kwargs)
+    fmt = _format_for(path, save_kwargs)
+    save_kwargs["format"] = fmt
+    if fmt in _NO_ALPHA_FORMATS and (image.mode in _ALPHA_MODES or _alpha_of(image) is not None):
+        raise ImageError(
+            f"cannot save mode {image.mode!r} (with alpha) as {fmt} to {str(path)!r}: {fmt} has "
+            "no alpha channel; save as .png to keep it, or convert the image to RGB first"
+        )
+    if not path.parent.is_dir():
+        raise ImageError(f"folder {str(path.parent)!r} for {path.name!r} does not exist; create it")
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, **save_kwargs)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, (OSError, KeyError, ValueError)) and not isinstance(err, ImageError):
+            raise ImageError(
+                f"cannot save mode {image.mode!r} as {fmt} to {str(path)!r} "
+                f"({type(err).__name__}: {err}); try .png, or convert the image to RGB"
+            ) from err
+        raise
