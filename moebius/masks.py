@@ -1,0 +1,209 @@
+"""Masks: binarise (polarity, threshold), dilate, shrink to the latent grid, and paste back.
+
+Polarity everywhere in the package: True / 255 / white = hole to fill, False / 0 = keep (as
+IOPaint and the original release). `paste` and `paste_compensate` are the original recipe's
+post-processing (spec/pipeline.md 4.5), bit-exact with shared/reference/pipeline_vector.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
+
+from moebius.images import gray_to_8bit
+
+logger = logging.getLogger(__name__)
+
+MASK_THRESHOLD = 127.5  # 8-bit mask value: below -> keep, at or above -> fill (the original's rule)
+PASTE_BLUR_RADIUS = 3  # PIL GaussianBlur radius of the original's paste-back feather
+COMPENSATE_RING = 10  # the compensation ring box is the hole's bbox grown by this (h+10, w+10)
+
+
+class MaskError(ValueError):
+    """A mask does not fit its image (size, shape, mode); the message says what to do."""
+
+
+def _mask_to_gray(mask: Image.Image) -> Image.Image:
+    """A PIL mask of any mode -> 'L' whose values are compared with MASK_THRESHOLD.
+
+    RGBA / LA / PA / P-with-transparency: when the alpha channel is not uniform, the alpha *is* the
+    mask (strokes painted on a transparent layer, as editors export them); a uniform alpha is
+    ignored and the colour is used. Colour masks use PIL's luma ('L'), like the original; a warning
+    is logged when the mask is not grey, because e.g. pure red (luma 76) then reads as "keep".
+    16-bit / float masks are scaled to 8 bits over their full range first (65535 / 1.0 = fill).
+    """
+    if mask.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return gray_to_8bit(mask)
+    if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+        alpha = (mask if mask.mode != "P" else mask.convert("RGBA")).getchannel("A")
+        lo, hi = alpha.getextrema()
+        if lo != hi:
+            return alpha
+    if mask.mode not in ("1", "L", "LA"):
+        rgb = np.asarray(mask.convert("RGB"))
+        grey = (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+        if not grey:
+            logger.warning(
+                "mask of mode %s has coloured pixels; it is read as grey luma (< %s keeps), so "
+                "dark colours such as pure red count as 'keep': paint holes white on black",
+                mask.mode,
+                MASK_THRESHOLD,
+            )
+    return mask.convert("L")
+
+
+def _array_to_bool(mask: np.ndarray) -> np.ndarray:
+    """2-D array -> bool: bool as is, floats in [0, 1] (>= 0.5 fills), ints vs MASK_THRESHOLD."""
+    if mask.dtype == bool:
+        return mask.copy()
+    if np.issubdtype(mask.dtype, np.floating):
+        return mask >= 0.5
+    if np.issubdtype(mask.dtype, np.integer):
+        return mask >= MASK_THRESHOLD
+    raise MaskError(f"mask array of dtype {mask.dtype} is not supported; use bool or uint8 0/255")
+
+
+def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """Grow a bool mask by `pixels` in every direction, diagonals included (square element).
+
+    Equals cv2.dilate with np.ones((2k+1, 2k+1)), i.e. the original's mask_dilate_kernel_size 2k+1:
+    a pixel fills when any mask pixel lies within Chebyshev distance k. Separable max-pools (rows,
+    then columns) keep it O(k) per pixel.
+    """
+    if pixels < 0:
+        raise MaskError(f"dilation must be >= 0 pixels, got {pixels}")
+    if pixels == 0 or not mask.any():
+        return mask.copy()
+    k = 2 * pixels + 1
+    x = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, H, W)
+    x = F.max_pool2d(x, kernel_size=(1, k), stride=1, padding=(0, pixels))
+    x = F.max_pool2d(x, kernel_size=(k, 1), stride=1, padding=(pixels, 0))
+    return x[0, 0].numpy() > 0
+
+
+def prepare_mask(
+    mask: Image.Image | np.ndarray,
+    size: tuple[int, int],
+    *,
+    invert: bool = False,
+    dilation: int = 0,
+    resize: bool = False,
+) -> np.ndarray:
+    """Any mask -> bool [H, W], True = fill, for an image of `size` (W, H).
+
+    Binarised with MASK_THRESHOLD after `_mask_to_gray` (PIL) or `_array_to_bool` (arrays; a 3-D
+    uint8 array is read as a PIL image); `invert=True` swaps fill and keep (for masks where black is
+    the hole). A size mismatch raises MaskError unless `resize=True`, which resizes the binary
+    mask with NEAREST (aspect ratio not preserved). `dilation=k` then grows the fill by k pixels
+    in every direction (`dilate`).
+    """
+    if isinstance(mask, np.ndarray) and mask.ndim == 3 and mask.shape[2] == 1:
+        mask = mask[..., 0]
+    if isinstance(mask, np.ndarray) and mask.ndim == 3:
+        if mask.dtype != np.uint8:
+            raise MaskError(f"a 3-D mask array must be uint8 (H, W, C), got {mask.dtype}")
+        mask = Image.fromarray(mask)
+    if isinstance(mask, Image.Image):
+        fill = np.asarray(_mask_to_gray(mask)) >= MASK_THRESHOLD
+    elif isinstance(mask, np.ndarray) and mask.ndim == 2:
+        fill = _array_to_bool(mask)
+    else:
+        shape = getattr(mask, "shape", None)
+        kind = type(mask).__name__
+        raise MaskError(f"mask must be a PIL image or a 2-D array, got {kind} {shape}")
+    mask_size = (fill.shape[1], fill.shape[0])
+    if mask_size != tuple(size):
+        if not resize:
+            raise MaskError(
+                f"mask size {mask_size[0]}x{mask_size[1]} does not match image size "
+                f"{size[0]}x{size[1]} (W x H); pass a mask of the image's size, or resize=True "
+                "(--resize-mask) to stretch it with nearest-neighbour"
+            )
+        fill = np.asarray(mask_to_image(fill).resize(tuple(size), Image.Resampling.NEAREST)) > 0
+    if invert:
+        fill = ~fill
+    return dilate(fill, dilation)
+
+
+def mask_to_image(mask_bool: np.ndarray) -> Image.Image:
+    """bool [H, W] -> PIL 'L' with 255 = fill, 0 = keep."""
+    return Image.fromarray(np.asarray(mask_bool, dtype=bool).astype(np.uint8) * 255)
+
+
+def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """[B, 1, H, W] -> [B, 1, h, w] by default-nearest F.interpolate, as the original.
+
+    Nearest samples pixel (floor(i*H/h), floor(j*W/w)) = (8i, 8j) for the VAE's factor 8: the
+    top-left pixel of each 8x8 cell, no pooling, so a hole thinner than 8 px can vanish here.
+    """
+    if mask.ndim != 4 or mask.shape[1] != 1:
+        raise ValueError(f"latent_mask expects [B, 1, H, W], got {tuple(mask.shape)}")
+    return F.interpolate(mask, size=tuple(latent_hw))
+
+
+def soft_paste_mask(mask_L: Image.Image, radius: float = PASTE_BLUR_RADIUS) -> np.ndarray:
+    """'L' {0, 255} mask -> float64 [H, W, 3] feather in [0, 1]: PIL GaussianBlur(3) / 255."""
+    blurred = mask_L.convert("RGB").filter(ImageFilter.GaussianBlur(radius=radius))
+    return np.asarray(blurred) / 255
+
+
+def _check_paste_inputs(result: np.ndarray, input_image: np.ndarray, mask_L: Image.Image) -> None:
+    """Same [H, W, 3] uint8 shapes for result and input, and a mask of the same size."""
+    h, w = input_image.shape[:2]
+    if result.shape != input_image.shape or result.shape != (h, w, 3) or mask_L.size != (w, h):
+        raise ValueError(
+            f"paste expects result and input uint8 [H, W, 3] of one shape and an 'L' mask of "
+            f"size (W, H); got {result.shape}, {input_image.shape} and {mask_L.size}"
+        )
+
+
+def paste(result_uint8: np.ndarray, input_uint8: np.ndarray, mask_L: Image.Image) -> np.ndarray:
+    """The original paste-back: result in the feathered hole, input outside (uint8, truncated)."""
+    _check_paste_inputs(result_uint8, input_uint8, mask_L)
+    soft = soft_paste_mask(mask_L)  # (H, W, 3)
+    # out = res * soft + (1 - soft) * input, all in [0, 1]; same operation order as the original.
+    return np.uint8(((result_uint8 / 255) * soft + (1 - soft) * (input_uint8 / 255)) * 255)
+
+
+def compensate_ring(hole: np.ndarray) -> np.ndarray:
+    """Ring of known pixels around the hole's bounding box, where colours are compared.
+
+    The bbox rows r0..r1 (height h = r1 - r0 + 1) is re-centred at cr = (r0 + r1) // 2 with height
+    nh = h + 10: rows [max(0, cr - nh//2), min(H-1, cr + nh//2)] inclusive, columns alike, minus
+    the hole. (The reference vectors, whose holes touch the borders, do not pin h vs r1 - r0.)
+    """
+    rows, cols = np.nonzero(hole.any(axis=1))[0], np.nonzero(hole.any(axis=0))[0]
+    if rows.size == 0:
+        return np.zeros_like(hole)
+    height, width = hole.shape
+    box = np.zeros_like(hole)
+    (r0, r1), (c0, c1) = (rows[0], rows[-1]), (cols[0], cols[-1])
+    cr, cc = (r0 + r1) // 2, (c0 + c1) // 2
+    nh, nw = r1 - r0 + 1 + COMPENSATE_RING, c1 - c0 + 1 + COMPENSATE_RING
+    top, bottom = max(0, cr - nh // 2), min(height - 1, cr + nh // 2)  # inclusive
+    left, right = max(0, cc - nw // 2), min(width - 1, cc + nw // 2)
+    box[top : bottom + 1, left : right + 1] = True
+    return box & ~hole
+
+
+def paste_compensate(
+    result_uint8: np.ndarray, input_uint8: np.ndarray, mask_L: Image.Image, factor: float = 1.1
+) -> np.ndarray:
+    """Paste with colour compensation: shift the fill by `factor` x (ring mean of input - result).
+
+    delta = mean_ring(input) - mean_ring(result) per channel (float64, 0..255 units);
+    out = uint8(clip((res/255 + factor*delta/255) * soft + (1 - soft) * input/255, 0, 1) * 255).
+    A hole without a ring (it covers the whole image) gets delta = 0, i.e. a plain paste.
+    """
+    _check_paste_inputs(result_uint8, input_uint8, mask_L)
+    ring = compensate_ring(np.asarray(mask_L) > 128)
+    delta = np.zeros(3)
+    if ring.any():
+        delta = input_uint8[ring].mean(axis=0) - result_uint8[ring].mean(axis=0)  # (3,)
+    soft = soft_paste_mask(mask_L)
+    blend = (result_uint8 / 255 + factor * delta / 255) * soft + (1 - soft) * input_uint8 / 255
+    return np.uint8(np.clip(blend, 0, 1) * 255)
