@@ -153,6 +153,7 @@ def test_other_configuration_follows_config():
         norm_num_groups=8,
         layers_per_block=1,
         mix_mlp_ratio=2.0,
+        transformer_layers_per_block=2,
     )
     model = MoebiusUNet(cfg).eval()
     state = model.state_dict()
@@ -165,6 +166,7 @@ def test_other_configuration_follows_config():
         assert state[prefix + "attn2.to_k.weight"].shape == (c // 4, 40)
         assert state[prefix + "ff.inverted_conv.conv.weight"].shape == (4 * c, c, 1, 1)
     assert len(model.diff_model.up_blocks[0].resnets) == 2
+    assert len(model.diff_model.down_blocks[1].attentions[0].transformer_blocks) == 2
     x = torch.randn(2, 9, 24, 24)
     ids = torch.tensor([list(range(10, 20)), list(range(10))])
     with torch.no_grad():

@@ -120,11 +120,13 @@ class LambdaTransformerBlock(nn.Module):
 class MixTransformer2D(nn.Module):
     """Diffusers Transformer2DModel wrapper: GN -> 1x1 proj_in -> block -> 1x1 proj_out -> + x."""
 
-    def __init__(self, dim: int, groups: int, **block_kwargs):
+    def __init__(self, dim: int, groups: int, num_layers: int = 1, **block_kwargs):
         super().__init__()
         self.norm = nn.GroupNorm(groups, dim, eps=TRANSFORMER_NORM_EPS)
         self.proj_in = nn.Conv2d(dim, dim, 1)
-        self.transformer_blocks = nn.ModuleList([LambdaTransformerBlock(dim, **block_kwargs)])
+        self.transformer_blocks = nn.ModuleList(
+            LambdaTransformerBlock(dim, **block_kwargs) for _ in range(num_layers)
+        )
         self.proj_out = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

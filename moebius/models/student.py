@@ -35,6 +35,7 @@ class MoebiusConfig:
     out_channels: int = 4
     block_out_channels: tuple[int, ...] = (320, 640, 1280)
     layers_per_block: int = 2
+    transformer_layers_per_block: int = 1
     num_heads: int = 8  # "attention_head_dim" in the original config (a diffusers naming quirk)
     cross_attention_dim: int = 768
     encoder_hid_dim: int = 3072
@@ -80,15 +81,18 @@ class MoebiusConfig:
         sample_size = cfg["data"]["image_size"] // cfg["vae"]["downsample_ratio"]
         if "sample_size" in model and model["sample_size"] != sample_size:
             raise ValueError(f"model.sample_size {model['sample_size']} != image/vae {sample_size}")
-        for key, expected in [
-            ("in_channels", 9),
+        for key, supported in [
             ("mid_block_type", None),
             ("use_lambda_cross_attn", True),
             ("use_local_self_attn", True),
             ("encoder_hid_dim_type", "text_proj"),
+            ("use_linear_projection", False),
         ]:
-            if key in model and model[key] != expected and key != "in_channels":
-                raise ValueError(f"unsupported original setting {key}={model[key]!r}")
+            if model.get(key, supported) != supported:
+                raise ValueError(
+                    f"original setting {key}={model[key]!r} is not the Moebius architecture "
+                    f"(supported: {supported!r})"
+                )
         heads = model.get("num_attention_heads") or model.get("attention_head_dim", 8)
         if not isinstance(heads, int):
             raise ValueError(f"per-level head counts are not supported, got {heads!r}")
@@ -99,6 +103,9 @@ class MoebiusConfig:
             out_channels=model.get("out_channels", defaults.out_channels),
             block_out_channels=tuple(model.get("block_out_channels", defaults.block_out_channels)),
             layers_per_block=model.get("layers_per_block", defaults.layers_per_block),
+            transformer_layers_per_block=model.get(
+                "transformer_layers_per_block", defaults.transformer_layers_per_block
+            ),
             num_heads=heads,
             cross_attention_dim=model.get("cross_attention_dim", defaults.cross_attention_dim),
             encoder_hid_dim=model.get("encoder_hid_dim", defaults.encoder_hid_dim),
@@ -135,6 +142,7 @@ class LambdaUNet(nn.Module):
                 context_len=cfg.context_len,
                 local_size=cfg.local_lambda_size,
                 mlp_ratio=cfg.mix_mlp_ratio,
+                num_layers=cfg.transformer_layers_per_block,
             )
 
         levels = len(chs)
