@@ -1,0 +1,243 @@
+"""Gated linear attention (GLA), the self-attention of the PixelHacker teacher.
+
+Per head, over tokens t = 1..T in row-major (raster) order, with zero initial state:
+
+    S_t = diag(a_t) S_{t-1} + k_t^T v_t        S: [K, V], a_t = exp(g_t) in (0, 1]^K
+    o_t = (q_t / sqrt(K)) S_t
+
+It is causal: token t only sees tokens <= t. Two kernels compute it with one signature
+`(q, k, v, g) -> (o, final_state)` on tensors laid out [B, T, H, D] (g = log forget gate):
+`gla_recurrent` (token by token, the readable reference) and `gla_chunked` (parallel within
+chunks, a short loop over chunks; pure PyTorch, any device, any T). `gla_auto` uses
+flash-linear-attention's fused `chunk_gla` on CUDA when it is installed, else `gla_chunked`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Kernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The recurrence runs in at least float32 (fp16/bf16 inputs are upcast, float64 stays)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def gla_recurrent(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token GLA: q, k, g [B,T,H,K], v [B,T,H,V] -> o [B,T,H,V], final state [B,H,K,V]."""
+    batch, length, heads, dim_k = q.shape
+    scale = dim_k**-0.5 if scale is None else scale
+    out_dtype, dtype = v.dtype, _compute_dtype(q.dtype)
+    q, k, v, g = (x.to(dtype).transpose(1, 2) for x in (q, k, v, g))  # (B, H, T, D)
+    state = q.new_zeros(batch, heads, dim_k, v.shape[-1])  # S_0 = 0, (B, H, K, V)
+    outputs = []
+    for t in range(length):
+        # S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t
+        state = state * g[:, :, t, :, None].exp() + k[:, :, t, :, None] * v[:, :, t, None, :]
+        # o_t = (q_t * scale) S_t
+        outputs.append((q[:, :, t, :, None] * scale * state).sum(dim=-2))
+    o = torch.stack(outputs, dim=2) if outputs else v.new_zeros(v.shape)
+    return o.transpose(1, 2).to(out_dtype), state
+
+
+# Intra-chunk scores use exp(b_t - b_s) = exp(b_t) * exp(-b_s), i.e. one matmul, while a chunk's
+# log decay spans at most this much: exp(+-30) is far inside even the float32 range, so the product
+# is exact up to rounding. Chunks with stronger decay are scored pairwise (exponent <= 0).
+MAX_FACTORED_DECAY = 30.0
+
+
+def _intra_chunk_scores(
+    q: torch.Tensor, k: torch.Tensor, b: torch.Tensor, b_exp: torch.Tensor
+) -> torch.Tensor:
+    """A[t, s] = sum_d q_td k_sd exp(b_td - b_sd) if s <= t else 0; q, k, b [M,C,K] -> [M,C,C].
+
+    `b` may be float64 (see gla_chunked); `b_exp` = exp(b) in the dtype of q and k.
+    """
+    size = q.shape[1]
+    causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
+    # Fast path for every chunk: exp(-b) = 1 / exp(b), clamped so that the chunks redone
+    # below hold no inf/nan.
+    k_scaled = k / b_exp.clamp(min=math.exp(-MAX_FACTORED_DECAY))
+    scores = torch.bmm(q * b_exp, k_scaled.transpose(1, 2)).masked_fill_(~causal, 0.0)
+    deep = -b[:, -1].amin(dim=-1) > MAX_FACTORED_DECAY  # (M,) b decreases: b_L is its minimum
+    for part in deep.nonzero()[:, 0].split(64):  # bounded memory: 64 x C x C x K at a time
+        qs, ks, bs = q[part], k[part], b[part]
+        log_decay = bs[:, :, None, :] - bs[:, None, :, :]  # (m, C_t, C_s, K), <= 0 where s <= t
+        decay = log_decay.masked_fill(~causal[:, :, None], -math.inf).exp().to(q.dtype)
+        scores[part] = torch.einsum("mtk,mtsk->mts", qs, decay * ks[:, None])
+    return scores
+
+
+def gla_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk-parallel GLA, same math and signature as `gla_recurrent`.
+
+    Within a chunk, with b = cumsum(g) from the chunk start (b decreases):
+      intra  o_t += sum_{s<=t} (sum_d q_td k_sd exp(b_td - b_sd)) v_s     (see _intra_chunk_scores)
+      inter  o_t += (q_t * exp(b_t)) S_prev                                (exponent <= 0)
+      state  S    = diag(exp(b_L)) S_prev + sum_s (k_s * exp(b_L - b_s))^T v_s   (exponent <= 0)
+    No exponent can overflow, however strongly the gates decay. Chunks are independent except
+    for S, so everything but the cheap state update runs batched over all chunks.
+    """
+    batch, length, heads, dim_k = q.shape
+    dim_v = v.shape[-1]
+    scale = dim_k**-0.5 if scale is None else scale
+    out_dtype, dtype = v.dtype, _compute_dtype(q.dtype)
+    # Log decays are summed in float64 (where the device has it): b_t - b_s of two long sums
+    # would otherwise lose ~|b| * 1e-7 to cancellation in float32 when gates decay strongly.
+    log_dtype = torch.float32 if q.device.type == "mps" else torch.float64
+    n_chunks = max(1, math.ceil(length / chunk_size))
+    pad = n_chunks * chunk_size - length
+
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:
+        # (B, T, H, D) -> (B*H, N, C, D); padded tokens have q = k = v = 0 and g = 0 (no decay),
+        # so they change neither the outputs nor the final state.
+        x = F.pad(x.to(dtype).transpose(1, 2), (0, 0, 0, pad))
+        return x.reshape(batch * heads, n_chunks, chunk_size, x.shape[-1])
+
+    q, k, v, g = to_chunks(q) * scale, to_chunks(k), to_chunks(v), to_chunks(g)
+    b = g.to(log_dtype).cumsum(dim=2)  # (BH, N, C, K) log decay from the chunk start through t
+    b_last = b[:, :, -1:]  # (BH, N, 1, K)
+    b_exp = b.exp().to(dtype)
+
+    flat = functools.partial(torch.flatten, start_dim=0, end_dim=1)  # (BH, N, ...) -> (BH*N, ...)
+    scores = _intra_chunk_scores(flat(q), flat(k), flat(b), flat(b_exp))
+    o = scores.unflatten(0, (batch * heads, n_chunks)) @ v  # (BH, N, C, V)
+
+    # Per-chunk contribution to the state: sum_s (k_s * exp(b_L - b_s))^T v_s, (BH, N, K, V).
+    chunk_states = (k * (b_last - b).exp().to(dtype)).transpose(-1, -2) @ v
+    chunk_decay = b_last[:, :, 0, :, None].exp().to(dtype)  # (BH, N, K, 1)
+    state = q.new_zeros(batch * heads, dim_k, dim_v)
+    states_before = []  # S at the start of each chunk
+    for n in range(n_chunks):
+        states_before.append(state)
+        state = state * chunk_decay[:, n] + chunk_states[:, n]
+    o = o + (q * b_exp) @ torch.stack(states_before, dim=1)
+
+    o = o.reshape(batch, heads, n_chunks * chunk_size, dim_v)[:, :, :length]
+    return o.transpose(1, 2).to(out_dtype), state.reshape(batch, heads, dim_k, dim_v)
+
+
+@functools.cache
+def _fla_chunk_gla() -> Kernel | None:
+    """flash-linear-attention's Triton `chunk_gla` if installed (it needs CUDA), else None."""
+    try:
+        from fla.ops.gla import chunk_gla
+    except ImportError:
+        return None
+    return chunk_gla
+
+
+def gla_auto(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fla's fused `chunk_gla` for CUDA fp32/fp16/bf16 when it is installed, else `gla_chunked`."""
+    fused = _fla_chunk_gla()
+    if fused is not None and q.is_cuda and q.dtype != torch.float64:
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return fused(q, k, v, g, scale=scale, output_final_state=True)
+    return gla_chunked(q, k, v, g, scale=scale)
+
+
+KERNELS: dict[str, Kernel] = {"auto": gla_auto, "chunked": gla_chunked, "recurrent": gla_recurrent}
+
+
+class RMSNormSwishGate(nn.Module):
+    """y = RMSNorm(o) * weight * swish(gate) over the last axis (one head), in at least float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))  # shared by all heads
+
+    def forward(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """o, gate [..., D] -> [..., D] in the compute dtype (float32 or float64)."""
+        dtype = _compute_dtype(o.dtype)
+        o, gate = o.to(dtype), gate.to(dtype)
+        o = o * torch.rsqrt(o.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return o * self.weight.to(dtype) * gate * torch.sigmoid(gate)
+
+
+class GatedLinearAttention(nn.Module):
+    """The GLA layer: projections, low-rank forget gate, recurrence, RMSNorm x swish gate, o_proj.
+
+    Shapes for hidden size C and H heads: key dim C*expand_k (per head K), value dim
+    C*expand_v (per head V). Tokens in, tokens out: x [B, T, C] -> [B, T, C].
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int = 8,
+        expand_k: float = 0.5,
+        expand_v: float = 1.0,
+        gate_low_rank_dim: int = 16,
+        gate_logit_normalizer: float = 16.0,
+        norm_eps: float = 1e-6,
+        kernel: str = "auto",
+    ):
+        super().__init__()
+        key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
+        if key_dim % num_heads or value_dim % num_heads:
+            raise ValueError(
+                f"GLA key dim {key_dim} and value dim {value_dim} (hidden {hidden_size} x expand "
+                f"{expand_k}/{expand_v}) must both be divisible by num_heads={num_heads}"
+            )
+        self.num_heads = num_heads
+        self.gate_logit_normalizer = gate_logit_normalizer
+        self.kernel = kernel
+        self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, value_dim, bias=False)
+        self.g_proj = nn.Linear(hidden_size, value_dim, bias=False)  # output gate
+        # Forget gate through a rank-16 bottleneck: C -> 16 -> key dim (bias on the second only).
+        self.gk_proj = nn.Sequential(
+            nn.Linear(hidden_size, gate_low_rank_dim, bias=False),
+            nn.Linear(gate_low_rank_dim, key_dim, bias=True),
+        )
+        self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
+        self.g_norm_swish_gate = RMSNormSwishGate(value_dim // num_heads, norm_eps)
+
+    @property
+    def kernel(self) -> str:
+        """Name of the kernel in `KERNELS` used by forward ("auto", "chunked" or "recurrent")."""
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, name: str) -> None:
+        if name not in KERNELS:
+            raise ValueError(f"unknown GLA kernel {name!r}; choose one of {sorted(KERNELS)}")
+        self._kernel = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, C] (tokens in raster order) -> [B, T, C]."""
+        batch, length, _ = x.shape
+        split = functools.partial(torch.Tensor.unflatten, dim=-1, sizes=(self.num_heads, -1))
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))  # (B,T,H,D)
+        # log a_t = logsigmoid(W2 W1 x_t + b) / 16: a_t in (0, 1], ~0.958 at pre-activation 0.
+        g = split(F.logsigmoid(self.gk_proj(x)) / self.gate_logit_normalizer)
+        o, _ = KERNELS[self.kernel](q, k, v, g)  # (B, T, H, V)
+        o = self.g_norm_swish_gate(o, split(self.g_proj(x))).to(x.dtype)
+        return self.o_proj(o.reshape(batch, length, -1))
+
+
+def set_gla_kernel(model: nn.Module, name: str) -> None:
+    """Use kernel `name` ("auto", "chunked", "recurrent") in every GLA layer of `model`."""
+    for module in model.modules():
+        if isinstance(module, GatedLinearAttention):
+            module.kernel = name
