@@ -77,7 +77,7 @@ def gray_to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8))
 
 
-def _alpha_of(image: Image.Image) -> Image.Image | None:
+def alpha_channel(image: Image.Image) -> Image.Image | None:
     """The alpha channel of `image` as 'L', or None (P images with a transparent index included)."""
     if image.mode in _ALPHA_MODES:
         return image.getchannel("A") if image.mode not in ("RGBa", "La") else image.getchannel("a")
@@ -96,7 +96,7 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, ImageInfo]:
     mode = image.mode
     bit_depth = {"1": 1, "I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 32, "F": 32}
     info = ImageInfo(
-        mode=mode, size=image.size, alpha=_alpha_of(image), bit_depth=bit_depth.get(mode, 8)
+        mode=mode, size=image.size, alpha=alpha_channel(image), bit_depth=bit_depth.get(mode, 8)
     )
     if mode == "RGB":
         return image.copy(), info
@@ -188,7 +188,8 @@ def save_image_atomic(image: Image.Image, path: str | os.PathLike, **save_kwargs
     save_kwargs = dict(save_kwargs)
     fmt = _format_for(path, save_kwargs)
     save_kwargs["format"] = fmt
-    if fmt in _NO_ALPHA_FORMATS and (image.mode in _ALPHA_MODES or _alpha_of(image) is not None):
+    has_alpha = image.mode in _ALPHA_MODES or alpha_channel(image) is not None
+    if fmt in _NO_ALPHA_FORMATS and has_alpha:
         raise ImageError(
             f"cannot save mode {image.mode!r} (with alpha) as {fmt} to {str(path)!r}: {fmt} has "
             "no alpha channel; save as .png to keep it, or convert the image to RGB first"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from moebius.images import gray_to_8bit
+from moebius.images import alpha_channel, gray_to_8bit, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -36,24 +36,22 @@ def _mask_to_gray(mask: Image.Image) -> Image.Image:
     is logged when the mask is not grey, because e.g. pure red (luma 76) then reads as "keep".
     16-bit / float masks are scaled to 8 bits over their full range first (65535 / 1.0 = fill).
     """
+    if mask.mode in ("1", "L"):
+        return mask.convert("L")
     if mask.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         return gray_to_8bit(mask)
-    if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
-        alpha = (mask if mask.mode != "P" else mask.convert("RGBA")).getchannel("A")
-        lo, hi = alpha.getextrema()
-        if lo != hi:
-            return alpha
-    if mask.mode not in ("1", "L", "LA"):
-        rgb = np.asarray(mask.convert("RGB"))
-        grey = (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
-        if not grey:
-            logger.warning(
-                "mask of mode %s has coloured pixels; it is read as grey luma (< %s keeps), so "
-                "dark colours such as pure red count as 'keep': paint holes white on black",
-                mask.mode,
-                MASK_THRESHOLD,
-            )
-    return mask.convert("L")
+    alpha = alpha_channel(mask)
+    if alpha is not None and alpha.getextrema()[0] != alpha.getextrema()[1]:
+        return alpha
+    rgb = np.asarray(to_rgb(mask)[0])  # every other mode, via the image rules
+    if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
+        logger.warning(
+            "mask of mode %s has coloured pixels; it is read as grey luma (< %s keeps), so "
+            "dark colours such as pure red count as 'keep': paint holes white on black",
+            mask.mode,
+            MASK_THRESHOLD,
+        )
+    return Image.fromarray(rgb).convert("L")
 
 
 def _array_to_bool(mask: np.ndarray) -> np.ndarray:

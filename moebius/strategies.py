@@ -175,8 +175,9 @@ def plan_crop_windows(mask: np.ndarray, native: int, margin: int = DEFAULT_MARGI
 
     One window per 8-connected region (`_window_for_box`); two windows that overlap are replaced
     by the window of their regions' union bbox when that still fits the image's short side,
-    repeated until no overlapping pair can merge. A region (or merged group) longer than the
-    image's short side, e.g. a stroke across a panorama, gets `_split_windows` instead.
+    repeated until no overlapping pair can merge. A region longer than the image's short side,
+    e.g. a stroke across a panorama, gets `_split_windows` instead (composited in plan order:
+    where split windows overlap, the later one wins).
     """
     height, width = mask.shape
     boxes = region_boxes(mask)

@@ -60,6 +60,11 @@ def test_rgba_mask_uses_alpha_only_when_it_varies():
         [False, True, False],
         [False, False, False],
     ]
+    # a palette image whose transparent index marks the background: same rule
+    palette = Image.fromarray(np.array([[0, 1, 0], [0, 0, 0]], np.uint8), mode="P")
+    palette.putpalette([255, 255, 255] * 2)
+    palette.info["transparency"] = 0
+    assert prepare_mask(palette, (3, 2)).tolist() == [[False, True, False], [False] * 3]
     # opaque everywhere: the colour decides
     opaque = np.full((2, 3, 4), 255, np.uint8)
     opaque[1, :, :3] = 0
