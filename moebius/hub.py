@@ -86,8 +86,10 @@ def resolve(
     check_choice("model", model, tuple(MODEL_REPOS))
     if pretrained is not None and Path(pretrained).is_dir():
         return _resolve_local(Path(pretrained), variant, model)
-    if pretrained is not None and (os.sep in str(pretrained) or str(pretrained).startswith(".")):
-        raise WeightsNotFoundError(f"weights folder {pretrained} does not exist")
+    if pretrained is not None and _looks_like_path(str(pretrained)):
+        raise WeightsNotFoundError(
+            f"weights folder {pretrained} does not exist (a hub repo id looks like owner/name)"
+        )
     files = released_files(variant, model)
     if pretrained is not None and pretrained != files[0].repo:
         files[0] = _HubFile(str(pretrained), files[0].filename)
@@ -95,6 +97,16 @@ def resolve(
         files, cache_dir=cache_dir, local_files_only=local_files_only, revision=revision
     )
     return WeightFiles(unet_weights=paths[0], unet_config=None, vae_dir=paths[1].parent)
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for what cannot be a hub repo id ("owner/name"): absolute, ./ ~/ or deeper paths."""
+    return (
+        Path(name).is_absolute()
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+    )
 
 
 def download(
