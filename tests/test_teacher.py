@@ -74,6 +74,8 @@ def test_from_original_released_config_and_errors():
     bad = {**RELEASED_YAML, "model": {**RELEASED_YAML["model"], "use_gated_cross_attn": True}}
     with pytest.raises(ValueError, match="use_gated_cross_attn"):
         PixelHackerConfig.from_original(bad)
+    with pytest.raises(ValueError, match=r"lacks section\(s\) \['vae'\]"):
+        PixelHackerConfig.from_original({"data": {"image_size": 512}, "model": {}})
     with pytest.raises(ValueError, match="divisible"):
         PixelHackerConfig(block_out_channels=(32, 48))
 

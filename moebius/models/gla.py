@@ -51,30 +51,33 @@ def gla_recurrent(
 
 # Intra-chunk scores use exp(b_t - b_s) = exp(b_t) * exp(-b_s), i.e. one matmul, while a chunk's
 # log decay spans at most this much: exp(+-30) is far inside even the float32 range, so the product
-# is exact up to rounding. Chunks with stronger decay are scored pairwise (exponent <= 0).
+# is exact up to rounding. Chunks that decay more strongly are redone pairwise (exponent <= 0).
 MAX_FACTORED_DECAY = 30.0
 
 
-def _intra_chunk_scores(
-    q: torch.Tensor, k: torch.Tensor, b: torch.Tensor, b_exp: torch.Tensor
-) -> torch.Tensor:
-    """A[t, s] = sum_d q_td k_sd exp(b_td - b_sd) if s <= t else 0; q, k, b [M,C,K] -> [M,C,C].
+def _redo_deep_chunks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    g: torch.Tensor,
+    deep: torch.Tensor,
+    scores: torch.Tensor,
+    k_decayed: torch.Tensor,
+) -> None:
+    """Exact pairwise intra scores and decayed keys, in place, for the chunks flagged `deep`.
 
-    `b` may be float64 (see gla_chunked); `b_exp` = exp(b) in the dtype of q and k.
+    q, k, g [M, C, K], deep [M] bool, scores [M, C, C], k_decayed [M, C, K].
+    Log decays are summed in float64 (where the device has it): b_t - b_s of two long sums would
+    otherwise lose ~|b| * 1e-7 to cancellation in float32 exactly where gates decay strongly.
     """
+    log_dtype = torch.float32 if q.device.type == "mps" else torch.float64
     size = q.shape[1]
-    causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
-    # Fast path for every chunk: exp(-b) = 1 / exp(b), clamped so that the chunks redone
-    # below hold no inf/nan.
-    k_scaled = k / b_exp.clamp(min=math.exp(-MAX_FACTORED_DECAY))
-    scores = torch.bmm(q * b_exp, k_scaled.transpose(1, 2)).masked_fill_(~causal, 0.0)
-    deep = -b[:, -1].amin(dim=-1) > MAX_FACTORED_DECAY  # (M,) b decreases: b_L is its minimum
+    causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()[:, :, None]
     for part in deep.nonzero()[:, 0].split(64):  # bounded memory: 64 x C x C x K at a time
-        qs, ks, bs = q[part], k[part], b[part]
-        log_decay = bs[:, :, None, :] - bs[:, None, :, :]  # (m, C_t, C_s, K), <= 0 where s <= t
-        decay = log_decay.masked_fill(~causal[:, :, None], -math.inf).exp().to(q.dtype)
-        scores[part] = torch.einsum("mtk,mtsk->mts", qs, decay * ks[:, None])
-    return scores
+        b = g[part].to(log_dtype).cumsum(dim=1)  # (m, C, K)
+        log_decay = b[:, :, None, :] - b[:, None, :, :]  # (m, C_t, C_s, K), <= 0 where s <= t
+        decay = log_decay.masked_fill(~causal, -math.inf).exp().to(q.dtype)
+        scores[part] = torch.einsum("mtk,mtsk->mts", q[part], decay * k[part][:, None])
+        k_decayed[part] = k[part] * (b[:, -1:] - b).exp().to(q.dtype)
 
 
 def gla_chunked(
@@ -87,47 +90,49 @@ def gla_chunked(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk-parallel GLA, same math and signature as `gla_recurrent`.
 
-    Within a chunk, with b = cumsum(g) from the chunk start (b decreases):
-      intra  o_t += sum_{s<=t} (sum_d q_td k_sd exp(b_td - b_sd)) v_s     (see _intra_chunk_scores)
+    Within a chunk, with b = cumsum(g) from the chunk start (b <= 0, decreasing):
+      intra  o_t += sum_{s<=t} (sum_d q_td k_sd exp(b_td - b_sd)) v_s     (exponent <= 0)
       inter  o_t += (q_t * exp(b_t)) S_prev                                (exponent <= 0)
       state  S    = diag(exp(b_L)) S_prev + sum_s (k_s * exp(b_L - b_s))^T v_s   (exponent <= 0)
-    No exponent can overflow, however strongly the gates decay. Chunks are independent except
-    for S, so everything but the cheap state update runs batched over all chunks.
+    No exponent can overflow, however strongly the gates decay (see MAX_FACTORED_DECAY). Chunks
+    are independent except for S, so all but the cheap state update runs batched over chunks.
     """
     batch, length, heads, dim_k = q.shape
     dim_v = v.shape[-1]
     scale = dim_k**-0.5 if scale is None else scale
     out_dtype, dtype = v.dtype, _compute_dtype(q.dtype)
-    # Log decays are summed in float64 (where the device has it): b_t - b_s of two long sums
-    # would otherwise lose ~|b| * 1e-7 to cancellation in float32 when gates decay strongly.
-    log_dtype = torch.float32 if q.device.type == "mps" else torch.float64
     n_chunks = max(1, math.ceil(length / chunk_size))
     pad = n_chunks * chunk_size - length
 
     def to_chunks(x: torch.Tensor) -> torch.Tensor:
-        # (B, T, H, D) -> (B*H, N, C, D); padded tokens have q = k = v = 0 and g = 0 (no decay),
+        # (B, T, H, D) -> (B*H*N, C, D); padded tokens have q = k = v = 0 and g = 0 (no decay),
         # so they change neither the outputs nor the final state.
         x = F.pad(x.to(dtype).transpose(1, 2), (0, 0, 0, pad))
-        return x.reshape(batch * heads, n_chunks, chunk_size, x.shape[-1])
+        return x.reshape(batch * heads * n_chunks, chunk_size, x.shape[-1])
 
     q, k, v, g = to_chunks(q) * scale, to_chunks(k), to_chunks(v), to_chunks(g)
-    b = g.to(log_dtype).cumsum(dim=2)  # (BH, N, C, K) log decay from the chunk start through t
-    b_last = b[:, :, -1:]  # (BH, N, 1, K)
-    b_exp = b.exp().to(dtype)
+    b = g.cumsum(dim=1)  # (M, C, K) log decay from the chunk start through token t
+    b_exp = b.exp()
+    q_decayed = q * b_exp  # q_t exp(b_t)
+    k_decayed = k * (b[:, -1:] - b).exp()  # k_s exp(b_L - b_s)
+    # Intra-chunk scores A[t, s], factored; clamped so that the chunks redone below hold no inf.
+    k_grown = k / b_exp.clamp(min=math.exp(-MAX_FACTORED_DECAY))  # k_s exp(-b_s)
+    scores = torch.bmm(q_decayed, k_grown.transpose(1, 2)).tril_()  # (M, C_t, C_s), s <= t
+    deep = -b[:, -1].amin(dim=-1) > MAX_FACTORED_DECAY  # (M,): b_L is the minimum of b
+    if deep.any():
+        _redo_deep_chunks(q, k, g, deep, scores, k_decayed)
+    o = torch.bmm(scores, v)  # intra-chunk part, (M, C, V)
 
-    flat = functools.partial(torch.flatten, start_dim=0, end_dim=1)  # (BH, N, ...) -> (BH*N, ...)
-    scores = _intra_chunk_scores(flat(q), flat(k), flat(b), flat(b_exp))
-    o = scores.unflatten(0, (batch * heads, n_chunks)) @ v  # (BH, N, C, V)
-
-    # Per-chunk contribution to the state: sum_s (k_s * exp(b_L - b_s))^T v_s, (BH, N, K, V).
-    chunk_states = (k * (b_last - b).exp().to(dtype)).transpose(-1, -2) @ v
-    chunk_decay = b_last[:, :, 0, :, None].exp().to(dtype)  # (BH, N, K, 1)
+    # Inter-chunk part: a short loop carries S from chunk to chunk.
+    chunk_states = torch.bmm(k_decayed.transpose(1, 2), v)  # (M, K, V)
+    chunk_states = chunk_states.unflatten(0, (batch * heads, n_chunks))
+    chunk_decay = b_exp[:, -1, :, None].unflatten(0, (batch * heads, n_chunks))  # (BH, N, K, 1)
     state = q.new_zeros(batch * heads, dim_k, dim_v)
     states_before = []  # S at the start of each chunk
     for n in range(n_chunks):
         states_before.append(state)
         state = state * chunk_decay[:, n] + chunk_states[:, n]
-    o = o + (q * b_exp) @ torch.stack(states_before, dim=1)
+    o = o.baddbmm_(q_decayed, torch.stack(states_before, dim=1).flatten(0, 1))
 
     o = o.reshape(batch, heads, n_chunks * chunk_size, dim_v)[:, :, :length]
     return o.transpose(1, 2).to(out_dtype), state.reshape(batch, heads, dim_k, dim_v)
@@ -170,14 +175,22 @@ class RMSNormSwishGate(nn.Module):
         dtype = _compute_dtype(o.dtype)
         o, gate = o.to(dtype), gate.to(dtype)
         o = o * torch.rsqrt(o.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return o * self.weight.to(dtype) * gate * torch.sigmoid(gate)
+        return o * self.weight.to(dtype) * gate * torch.sigmoid(gate)  # swish(g) = g sigmoid(g)
 
 
 class GatedLinearAttention(nn.Module):
     """The GLA layer: projections, low-rank forget gate, recurrence, RMSNorm x swish gate, o_proj.
 
     Shapes for hidden size C and H heads: key dim C*expand_k (per head K), value dim
-    C*expand_v (per head V). Tokens in, tokens out: x [B, T, C] -> [B, T, C].
+    C*expand_v (per head V). Tokens in, tokens out: x [B, T, C] -> [B, T, C]. `kernel` names
+    the function in `KERNELS` that runs the recurrence; all give the same math.
+
+    `recurrence_dtype` is the dtype of the recurrence and the RMSNorm gate. The layer is
+    ill-conditioned in float32: the RMSNorm divides by rms(o_t) over one head's few values,
+    which for some tokens is ~1e-3 of the typical one, so kernel rounding is amplified ~1e3x
+    (a whole float32 teacher moved by up to 5e-3 between equivalent chunk sizes). The default
+    (None) therefore uses float64 on CPU, where it costs < 1% of a teacher forward, and the
+    input dtype (at least float32) elsewhere.
     """
 
     def __init__(
@@ -190,6 +203,7 @@ class GatedLinearAttention(nn.Module):
         gate_logit_normalizer: float = 16.0,
         norm_eps: float = 1e-6,
         kernel: str = "auto",
+        recurrence_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
@@ -201,6 +215,7 @@ class GatedLinearAttention(nn.Module):
         self.num_heads = num_heads
         self.gate_logit_normalizer = gate_logit_normalizer
         self.kernel = kernel
+        self.recurrence_dtype = recurrence_dtype
         self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, value_dim, bias=False)
@@ -227,11 +242,14 @@ class GatedLinearAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, C] (tokens in raster order) -> [B, T, C]."""
         batch, length, _ = x.shape
+        dtype = self.recurrence_dtype
+        if dtype is None:
+            dtype = torch.float64 if x.device.type == "cpu" else x.dtype
         split = functools.partial(torch.Tensor.unflatten, dim=-1, sizes=(self.num_heads, -1))
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))  # (B,T,H,D)
         # log a_t = logsigmoid(W2 W1 x_t + b) / 16: a_t in (0, 1], ~0.958 at pre-activation 0.
         g = split(F.logsigmoid(self.gk_proj(x)) / self.gate_logit_normalizer)
-        o, _ = KERNELS[self.kernel](q, k, v, g)  # (B, T, H, V)
+        o, _ = KERNELS[self.kernel](*(t.to(dtype) for t in (q, k, v, g)))  # (B, T, H, V)
         o = self.g_norm_swish_gate(o, split(self.g_proj(x))).to(x.dtype)
         return self.o_proj(o.reshape(batch, length, -1))
 

@@ -79,6 +79,9 @@ class PixelHackerConfig:
         (ignoring one could silently build another network); data/vae keys we do not need are
         ignored since they describe the data pipeline.
         """
+        missing = [section for section in ("data", "vae", "model") if section not in cfg]
+        if missing:
+            raise ValueError(f"original config lacks section(s) {missing}; it has {sorted(cfg)}")
         model = dict(cfg["model"])
         model_type = model.pop("model_type", "UNet2DGLAConditionModel")
         if model_type != "UNet2DGLAConditionModel":

@@ -1,0 +1,89 @@
+"""Chunked GLA vs the token-by-token recurrence at the teacher's largest level; prints JSON.
+
+Default shapes = level 0 of the released teacher at 512 px: T = 64 x 64 = 4096 tokens, C = 320,
+8 heads (head_k 20, head_v 40), batch 2 (CFG). Run: `python bench/gla_chunked.py [--out FILE]`.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moebius.models.gla import gla_chunked, gla_recurrent
+
+
+def timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--channels", type=int, default=320)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args()
+
+    dtype = getattr(torch, args.dtype)
+    head_k, head_v = args.channels // 2 // args.heads, args.channels // args.heads
+    gen = torch.Generator().manual_seed(0)
+    shape = (args.batch, args.length, args.heads)
+    q = torch.randn(*shape, head_k, generator=gen, dtype=dtype)
+    k = torch.randn(*shape, head_k, generator=gen, dtype=dtype)
+    v = torch.randn(*shape, head_v, generator=gen, dtype=dtype)
+    # Gates as the layer makes them: logsigmoid(N(0, 1)) / 16.
+    g = F.logsigmoid(torch.randn(*shape, head_k, generator=gen, dtype=dtype)) / 16
+
+    with torch.inference_mode():
+        o_chunked, _ = gla_chunked(q, k, v, g)  # warm-up
+        o_recurrent, _ = gla_recurrent(q, k, v, g)
+        chunked, recurrent = [], []
+        for _ in range(args.repeats):  # interleaved, so background load hits both alike
+            chunked += timed(lambda: gla_chunked(q, k, v, g), 1)
+            recurrent += timed(lambda: gla_recurrent(q, k, v, g), 1)
+
+    result = {
+        "benchmark": "gla_chunked_vs_recurrent",
+        "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "shapes": {
+            "q,k,g": [args.batch, args.length, args.heads, head_k],
+            "v,o": [args.batch, args.length, args.heads, head_v],
+        },
+        "repeats": args.repeats,
+        "chunked_median_s": statistics.median(chunked),
+        "recurrent_median_s": statistics.median(recurrent),
+        "speedup": statistics.median(recurrent) / statistics.median(chunked),
+        "chunked_times_s": chunked,
+        "recurrent_times_s": recurrent,
+        "max_abs_diff": (o_chunked - o_recurrent).abs().max().item(),
+        "max_abs_output": o_recurrent.abs().max().item(),
+        "load_average_1min": os.getloadavg()[0],
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
