@@ -165,7 +165,7 @@ class InpaintPipeline:
         """Move the networks to `device` / cast them to `dtype` (DDIM math stays float32)."""
         for module in (self.unet, self.vae):
             module.to(device=device)
-            if dtype is not None:
+            if dtype is not None and dtype != next(module.parameters()).dtype:
                 module.to(dtype=dtype)
         return self
 
