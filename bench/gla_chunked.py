@@ -35,8 +35,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     dtype = getattr(torch, args.dtype)
     head_k, head_v = args.channels // 2 // args.heads, args.channels // args.heads
@@ -48,12 +52,15 @@ def main() -> None:
     # Gates as the layer makes them: logsigmoid(N(0, 1)) / 16.
     g = F.logsigmoid(torch.randn(*shape, head_k, generator=gen, dtype=dtype)) / 16
 
+    def chunked_fn():
+        return gla_chunked(q, k, v, g, chunk_size=args.chunk_size)
+
     with torch.inference_mode():
-        o_chunked, _ = gla_chunked(q, k, v, g)  # warm-up
+        o_chunked, _ = chunked_fn()  # warm-up
         o_recurrent, _ = gla_recurrent(q, k, v, g)
         chunked, recurrent = [], []
         for _ in range(args.repeats):  # interleaved, so background load hits both alike
-            chunked += timed(lambda: gla_chunked(q, k, v, g), 1)
+            chunked += timed(chunked_fn, 1)
             recurrent += timed(lambda: gla_recurrent(q, k, v, g), 1)
 
     result = {
@@ -64,6 +71,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "dtype": args.dtype,
+        "chunk_size": args.chunk_size,
         "shapes": {
             "q,k,g": [args.batch, args.length, args.heads, head_k],
             "v,o": [args.batch, args.length, args.heads, head_v],

@@ -94,8 +94,10 @@ def gla_chunked(
       intra  o_t += sum_{s<=t} (sum_d q_td k_sd exp(b_td - b_sd)) v_s     (exponent <= 0)
       inter  o_t += (q_t * exp(b_t)) S_prev                                (exponent <= 0)
       state  S    = diag(exp(b_L)) S_prev + sum_s (k_s * exp(b_L - b_s))^T v_s   (exponent <= 0)
-    No exponent can overflow, however strongly the gates decay (see MAX_FACTORED_DECAY). Chunks
-    are independent except for S, so all but the cheap state update runs batched over chunks.
+    The intra and state terms are evaluated as exp(b_t) * exp(-b_s) (matmuls) only in chunks
+    whose decay spans <= MAX_FACTORED_DECAY; stronger chunks are redone with the exponents
+    above, so nothing overflows however strongly the gates decay. Chunks are independent except
+    for S, so everything but the cheap state update runs batched over all chunks.
     """
     batch, length, heads, dim_k = q.shape
     dim_v = v.shape[-1]
@@ -114,10 +116,11 @@ def gla_chunked(
     b = g.cumsum(dim=1)  # (M, C, K) log decay from the chunk start through token t
     b_exp = b.exp()
     q_decayed = q * b_exp  # q_t exp(b_t)
-    k_decayed = k * (b[:, -1:] - b).exp()  # k_s exp(b_L - b_s)
-    # Intra-chunk scores A[t, s], factored; clamped so that the chunks redone below hold no inf.
+    # Factored intra-chunk scores A[t, s]; exp(-b) is clamped so that the chunks redone below
+    # (the only ones where the clamp acts) hold no inf.
     k_grown = k / b_exp.clamp(min=math.exp(-MAX_FACTORED_DECAY))  # k_s exp(-b_s)
     scores = torch.bmm(q_decayed, k_grown.transpose(1, 2)).tril_()  # (M, C_t, C_s), s <= t
+    k_decayed = k_grown * b_exp[:, -1:]  # k_s exp(b_L - b_s)
     deep = -b[:, -1].amin(dim=-1) > MAX_FACTORED_DECAY  # (M,): b_L is the minimum of b
     if deep.any():
         _redo_deep_chunks(q, k, g, deep, scores, k_decayed)
