@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 from conftest import shared_path
+from huggingface_hub import constants
 from PIL import Image
 from test_pipeline import far_from, gen, native_pair, tiny_pipeline
 
@@ -105,6 +106,26 @@ def test_masks_pair_by_name_never_by_order(weights, tmp_path, caplog):
         changed = (np.asarray(Image.open(out / name)) != np.asarray(image)).any(-1)
         assert changed[own[1] : own[3], own[0] : own[2]].mean() > 0.5
         assert changed.sum() < 0.2 * changed.size  # only around its own mask
+
+
+def test_one_mask_file_for_a_whole_folder(weights, tmp_path):
+    imgs, out = tmp_path / "img", tmp_path / "out"
+    imgs.mkdir()
+    image = chelsea().crop((0, 0, 256, 200))
+    image.save(imgs / "a.png")
+    image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(imgs / "b.jpg", quality=95)
+    write_pair(tmp_path, "tmp.png", image, (100, 60, 150, 120), mask_name="watermark.png")
+    assert inpaint(weights, imgs, tmp_path / "watermark.png", "-o", out) == 0
+    for name in ("a", "b"):
+        source, result = load_image(next(imgs.glob(f"{name}.*"))), Image.open(out / f"{name}.png")
+        assert_kept(source, result, load_image(tmp_path / "watermark.png"))
+        assert (np.asarray(result) != np.asarray(source))[60:120, 100:150].any(-1).mean() > 0.5
+
+
+def test_download_offline_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["download", "--variant", "ft_ffhq", "--cache-dir", str(tmp_path)]) == 2
+    assert "hustvl/Moebius: ft_ffhq/diffusion_pytorch_model.bin" in capsys.readouterr().err
 
 
 def test_existing_outputs_are_skipped_unless_overwrite(weights, tmp_path):

@@ -144,5 +144,8 @@ def test_teacher_through_the_same_pipeline(tmp_path):
 
 def test_light_modules_do_not_import_torch():
     code = ("import sys, moebius, moebius.hub, moebius.cli; "
-            "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules")  # fmt: skip
+            "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules; "
+            "import moebius.pipeline, moebius.images; "
+            "assert moebius.InpaintPipeline is moebius.pipeline.InpaintPipeline; "
+            "assert moebius.load_image is moebius.images.load_image")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True)
