@@ -22,6 +22,13 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MASK_SUFFIX = "_mask"  # NAME.png's mask is MASK_DIR/NAME_mask.png or MASK_DIR/NAME.png
 NO_ALPHA_EXTENSIONS = (".jpg", ".jpeg")
 DTYPES = ("float32", "float16", "bfloat16")
+# CLI option -> pipeline keyword. Options left unset (None) take the pipeline's defaults, which
+# are the original recipe's: the numbers live there only.
+PIPELINE_OPTIONS = {
+    "steps": "steps", "strength": "strength", "guidance": "guidance_scale",
+    "noise_offset": "noise_offset", "strategy": "strategy", "margin": "margin",
+    "dilate": "mask_dilation", "task": "task", "batch_size": "batch_size",
+}  # fmt: skip
 
 
 class UsageError(Exception):
@@ -104,8 +111,10 @@ def _pipeline(args, files: hub.WeightFiles):
     from moebius import strategies
     from moebius.pipeline import TASKS, InpaintPipeline
 
-    hub.check_choice("strategy", args.strategy, strategies.STRATEGIES)
-    hub.check_choice("task", args.task, TASKS)
+    if args.strategy is not None:
+        hub.check_choice("strategy", args.strategy, strategies.STRATEGIES)
+    if args.task is not None:
+        hub.check_choice("task", args.task, TASKS)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -123,12 +132,11 @@ def _inpaint_one(pipe, job: Job, args) -> None:
     from moebius.images import load_image, save_image_atomic
 
     image, mask = load_image(job.image), load_image(job.mask)
+    options = {key: getattr(args, name) for name, key in PIPELINE_OPTIONS.items()}
     result = pipe(
-        image, mask, steps=args.steps, strength=args.strength, guidance_scale=args.guidance,
-        noise_offset=args.noise_offset, strategy=args.strategy, margin=args.margin,
-        mask_dilation=args.dilate, invert_mask=args.invert_mask, resize_mask=args.resize_mask,
-        paste=not args.no_paste, compensate=args.compensate, task=args.task,
-        batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed),
+        image, mask, **{key: value for key, value in options.items() if value is not None},
+        invert_mask=args.invert_mask, resize_mask=args.resize_mask, paste=not args.no_paste,
+        compensate=args.compensate, generator=torch.Generator().manual_seed(args.seed),
     )  # fmt: skip
     if job.out.suffix.lower() in NO_ALPHA_EXTENSIONS and result.mode in ("RGBA", "LA"):
         logger.warning("%s: JPEG has no alpha channel; the alpha of the input is dropped "
@@ -181,10 +189,10 @@ def _original_config(path: Path | None, model: str):
     """Architecture for a released .bin: the original config JSON (optionally under "config")."""
     import json
 
-    from moebius.pipeline import _released_config
+    from moebius.pipeline import released_config
 
     if path is None:
-        return _released_config(model)
+        return released_config(model)
     data = json.loads(path.read_text())
     num_embeddings = data.get("num_embeddings", 20)
     data = data.get("config", data)
@@ -237,30 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--variant", choices=hub.VARIANTS, default=hub.DEFAULT_VARIANT)
     p.add_argument("--cache-dir", help="Hugging Face cache folder (default: HF_HOME's)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1…")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--seed", type=int, default=0, help="noise seed, the same for every image")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    p.add_argument("--strength", type=float, default=0.99)
-    p.add_argument("--guidance", type=float, default=2.5, help="classifier-free guidance scale")
-    p.add_argument("--noise-offset", type=float, default=0.0357)
-    p.add_argument(
-        "--strategy",
-        default="auto",
-        help="auto (crop above the native size), crop, resize or native",
-    )
-    p.add_argument("--margin", type=int, default=128, help="context px around a crop region")
-    p.add_argument("--dilate", type=int, default=0, help="grow the mask by this many pixels")
+    # Recipe options left unset take the pipeline's defaults, which are the original's.
+    p.add_argument("--steps", type=int, help="DDIM steps of the schedule")
+    p.add_argument("--strength", type=float, help="share of the schedule that runs")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument("--noise-offset", type=float, help="std of the per-channel noise offset")
+    p.add_argument("--strategy", help="auto (crop unless native size), crop, resize or native")
+    p.add_argument("--margin", type=int, help="context pixels around a crop region")
+    p.add_argument("--dilate", type=int, help="grow the mask by this many pixels")
     p.add_argument("--invert-mask", action="store_true", help="black = fill instead of white")
     p.add_argument("--resize-mask", action="store_true", help="stretch a mask of another size")
     p.add_argument("--no-paste", action="store_true", help="keep the raw generated window")
     p.add_argument("--compensate", action="store_true", help="colour-match the fill to its ring")
-    p.add_argument(
-        "--task",
-        default="remove",
-        help="remove: fill with background (default); object: generate an object",
-    )
-    p.add_argument("--batch-size", type=int, default=4, help="native windows per model batch")
+    p.add_argument("--task", help="remove (fill with background, default) or object")
+    p.add_argument("--batch-size", type=int, help="native-size windows per model batch")
     p.add_argument("--overwrite", action="store_true", help="redo outputs that exist")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_inpaint)
