@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from moebius import hub, images, masks, strategies
 from moebius import vae as vae_lib
+from moebius.models import checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +128,6 @@ class InpaintPipeline:
         cls, files: hub.WeightFiles, *, model: str | None = None, config=None
     ) -> InpaintPipeline:
         """Build the pipeline from resolved weight files (see `moebius.hub.resolve`)."""
-        from moebius.models import checkpoints
-
         if files.unet_config is not None:
             saved = checkpoints.load_config(files.unet_config.parent)
             if config is not None and config != saved:
@@ -151,8 +150,6 @@ class InpaintPipeline:
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write unet/ (config.json + model.safetensors), vae/ and scheduler/ under `directory`."""
-        from moebius.models import checkpoints
-
         directory = Path(directory)
         checkpoints.save_pretrained(self.unet, directory / hub.UNET_FOLDER)
         self.vae.save_pretrained(directory / hub.VAE_FOLDER, safe_serialization=True)
@@ -193,18 +190,18 @@ class InpaintPipeline:
         image: Image.Image | Sequence[Image.Image],
         mask: Image.Image | np.ndarray | Sequence[Image.Image | np.ndarray],
         *,
-        steps: int = 20,
-        strength: float = 0.99,
-        guidance_scale: float = 2.5,
-        noise_offset: float = NOISE_OFFSET,
+        steps: int = Recipe.steps,
+        strength: float = Recipe.strength,
+        guidance_scale: float = Recipe.guidance_scale,
+        noise_offset: float = Recipe.noise_offset,
         strategy: str = "auto",
-        margin: int = 128,
+        margin: int = strategies.DEFAULT_MARGIN,
         mask_dilation: int = 0,
         invert_mask: bool = False,
         resize_mask: bool = False,
-        paste: bool = True,
-        compensate: bool = False,
-        task: str = "remove",
+        paste: bool = Recipe.paste,
+        compensate: bool = Recipe.compensate,
+        task: str = Recipe.task,
         batch_size: int = 4,
         generator: torch.Generator | None = None,
         noise: dict[str, torch.Tensor] | None = None,
