@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import constants
-from test_pipeline import gen, native_pair, tiny_pipeline
+from test_pipeline import far_from, gen, native_pair, tiny_pipeline
 
 from moebius import hub
 from moebius.models import MoebiusConfig, checkpoints
@@ -137,7 +137,13 @@ def test_teacher_through_the_same_pipeline(tmp_path):
         teacher = InpaintPipeline(PixelHackerUNet(PixelHackerConfig.tiny()), tiny_pipeline().vae)
     teacher.save_pretrained(tmp_path)
     loaded = InpaintPipeline.from_pretrained(tmp_path, model="pixelhacker")
-    assert loaded.native_size == PixelHackerConfig.tiny().sample_size * 8
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.native_size == PixelHackerConfig.tiny().sample_size * 8 == 256
+    image, mask = native_pair(side=300)  # not native: one 256-px crop window
+    out = np.asarray(loaded(image, mask, steps=3, generator=gen()))
+    fill = np.asarray(mask) > 127
+    assert np.array_equal(out[far_from(fill, 256)], np.asarray(image)[far_from(fill, 256)])
+    assert (out[fill] != np.asarray(image)[fill]).mean() > 0.5
     with pytest.raises(ValueError, match="'pixelhacker' model, not 'moebius'"):
         InpaintPipeline.from_pretrained(tmp_path, model="moebius")
 
