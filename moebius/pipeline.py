@@ -326,6 +326,8 @@ class InpaintPipeline:
         n = self.native_size
         shape = vae_lib.latent_shape(self.vae, batch, n, n)
         shapes = dict(zip(NOISE_KEYS, [shape, shape, shape, (*shape[:2], 1, 1)], strict=True))
+        if noise is not None and generator is not None:
+            raise ValueError("pass generator= (draw the noise) or noise= (given draws), not both")
         if noise is None:
             gen_device = generator.device if generator is not None else torch.device("cpu")
             return {

@@ -11,6 +11,7 @@ from huggingface_hub import constants
 from test_pipeline import far_from, gen, native_pair, tiny_pipeline
 
 from moebius import hub
+from moebius.cli import main
 from moebius.models import MoebiusConfig, checkpoints
 from moebius.pipeline import InpaintPipeline
 
@@ -50,7 +51,7 @@ def outputs_equal(a: InpaintPipeline, b: InpaintPipeline) -> bool:
     return np.array_equal(np.asarray(first), np.asarray(second))
 
 
-def test_hub_cache_is_used_offline(tmp_path, offline):
+def test_hub_cache_is_used_offline(tmp_path, offline, capsys):
     pipe = tiny_pipeline()
     fill_hub_cache(pipe, tmp_path)
     loaded = InpaintPipeline.from_pretrained(
@@ -60,6 +61,9 @@ def test_hub_cache_is_used_offline(tmp_path, offline):
     files = hub.resolve(None, "ft_places2", cache_dir=tmp_path)
     assert files.unet_weights.parts[-2:] == ("ft_places2", "diffusion_pytorch_model.bin")
     assert files.vae_dir.name == "vae" and "PixelHacker" in str(files.vae_dir)
+    assert hub.download("ft_places2", cache_dir=tmp_path) == files  # cached: nothing to fetch
+    assert main(["download", "--variant", "ft_places2", "--cache-dir", str(tmp_path)]) == 0
+    assert str(files.unet_weights) in capsys.readouterr().out
 
 
 def test_released_layout_folder_with_bf16_bin(tmp_path):

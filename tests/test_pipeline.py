@@ -156,6 +156,8 @@ def test_wrong_noise_shapes_are_explained(pipe):
     draws = pipe.draw_noise(2, generator=gen())
     with pytest.raises(ValueError, match=r"\[1, 4, 16, 16\]"):
         pipe(image, mask, steps=4, noise=draws)
+    with pytest.raises(ValueError, match="not both"):
+        pipe(image, mask, steps=4, noise=pipe.draw_noise(1), generator=gen())
 
 
 def test_native_batch_is_one_run_and_pastes(pipe):
