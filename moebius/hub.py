@@ -125,21 +125,18 @@ def _first_existing(directory: Path, names: tuple[str, ...]) -> Path | None:
 
 def _resolve_local(root: Path, variant: str, model: str) -> WeightFiles:
     """A folder in our format (unet/ + vae/) or a copy of the released one (<variant>/ + vae/)."""
-    vae_dir = root / VAE_FOLDER
-    if (root / UNET_FOLDER).is_dir():
-        unet_dir = root / UNET_FOLDER
-        expected = [unet_dir / CONFIG_NAME, unet_dir / UNET_WEIGHTS_NAMES[0]]
-        config = unet_dir / CONFIG_NAME
-    else:
-        unet_dir = root / variant
-        expected = [unet_dir / RELEASED_WEIGHTS_NAME]
-        config = unet_dir / CONFIG_NAME  # optional next to a released .bin
+    ours = (root / UNET_FOLDER).is_dir()  # else the released layout, <variant>/ + vae/
+    unet_dir, vae_dir = root / (UNET_FOLDER if ours else variant), root / VAE_FOLDER
+    config = unet_dir / CONFIG_NAME  # required in ours, optional beside a released .bin
     unet_weights = _first_existing(unet_dir, UNET_WEIGHTS_NAMES)
     vae_weights = _first_existing(vae_dir, VAE_WEIGHTS_NAMES)
-    missing = [p for p in expected if p.name == CONFIG_NAME and not p.is_file()]
-    missing += [] if unet_weights else [expected[-1]]
-    missing += [] if (vae_dir / CONFIG_NAME).is_file() else [vae_dir / CONFIG_NAME]
-    missing += [] if vae_weights else [vae_dir / VAE_WEIGHTS_NAMES[0]]
+    missing = [config] if ours and not config.is_file() else []
+    if unet_weights is None:
+        missing.append(unet_dir / (UNET_WEIGHTS_NAMES[0] if ours else RELEASED_WEIGHTS_NAME))
+    if not (vae_dir / CONFIG_NAME).is_file():
+        missing.append(vae_dir / CONFIG_NAME)
+    if vae_weights is None:
+        missing.append(vae_dir / VAE_WEIGHTS_NAMES[0])
     if missing:
         listing = "\n".join(f"  {p}" for p in missing)
         raise WeightsNotFoundError(

@@ -109,6 +109,14 @@ def test_unreachable_hub_fails_fast_without_retries(tmp_path, monkeypatch):
     assert time.perf_counter() - start < 3.0
 
 
+def test_incomplete_released_layout_names_the_variant_file(tmp_path):
+    tiny_pipeline().vae.save_pretrained(tmp_path / "vae", safe_serialization=False)
+    with pytest.raises(hub.WeightsNotFoundError) as err:
+        hub.resolve(tmp_path, "ft_celebahq")
+    listed = {line.strip() for line in str(err.value).splitlines() if line.startswith("  ")}
+    assert listed == {str(tmp_path / "ft_celebahq" / "diffusion_pytorch_model.bin")}
+
+
 def test_incomplete_local_folder_names_what_is_missing(tmp_path):
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text("{}")
