@@ -104,9 +104,10 @@ def reference_layer(vectors) -> GatedLinearAttention:
 
 @pytest.mark.parametrize("case", ["T100", "T16", "T200"])
 @pytest.mark.parametrize("kernel", ["chunked", "recurrent"])
-def test_layer_vectors(vectors, case, kernel):
+@pytest.mark.parametrize("recurrence_dtype", [None, torch.float32])  # None: float64 on CPU
+def test_layer_vectors(vectors, case, kernel, recurrence_dtype):
     layer = reference_layer(vectors)
-    layer.kernel = kernel
+    layer.kernel, layer.recurrence_dtype = kernel, recurrence_dtype
     x = vectors[f"{case}.x"]
     with torch.no_grad():
         assert (layer(x) - vectors[f"{case}.y"]).abs().max() <= 5e-5
