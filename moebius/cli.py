@@ -189,7 +189,7 @@ def _original_config(path: Path | None, model: str):
     """Architecture for a released .bin: the original config JSON (optionally under "config")."""
     import json
 
-    from moebius.pipeline import released_config
+    from moebius.models.checkpoints import released_config
 
     if path is None:
         return released_config(model)

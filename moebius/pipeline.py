@@ -133,7 +133,7 @@ class InpaintPipeline:
             if config is not None and config != saved:
                 raise ValueError(f"config= differs from {files.unet_config}; drop one of them")
             config = saved
-        config = config or released_config(model or "moebius")
+        config = config or checkpoints.released_config(model or "moebius")
         if model is not None and checkpoints.model_type_of(config) != model:
             raise ValueError(
                 f"the weights are a {checkpoints.model_type_of(config)!r} model, "
@@ -406,14 +406,3 @@ class InpaintPipeline:
             outputs.append(Image.fromarray(result))
         return outputs
 
-
-def released_config(model: str):
-    """The released architecture of `model` (used for .bin files that carry no config)."""
-    hub.check_choice("model", model, tuple(hub.MODEL_REPOS))
-    if model == "moebius":
-        from moebius.models import MoebiusConfig
-
-        return MoebiusConfig()
-    from moebius.models.teacher import PixelHackerConfig
-
-    return PixelHackerConfig()

@@ -18,11 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+# File names have one home, the torch-free `moebius.hub` (the CLI reads them without torch).
+from moebius.hub import CONFIG_NAME, UNET_WEIGHTS_NAMES
+from moebius.hub import RELEASED_WEIGHTS_NAME as ORIGINAL_WEIGHTS_NAME
+
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-ORIGINAL_WEIGHTS_NAME = "diffusion_pytorch_model.bin"
+WEIGHTS_NAME = UNET_WEIGHTS_NAMES[0]  # model.safetensors
 
 
 class CheckpointError(ValueError):
@@ -87,6 +89,14 @@ def save_original(model: nn.Module, path: str | Path, dtype: torch.dtype | None 
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
+
+
+def released_config(model_type: str):
+    """The released architecture of `model_type` ("moebius" or "pixelhacker")."""
+    registry = _model_registry()
+    if model_type not in registry:
+        raise ValueError(f"unknown model {model_type!r}; choose one of {sorted(registry)}")
+    return registry[model_type][0]()
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
