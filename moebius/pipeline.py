@@ -405,4 +405,3 @@ class InpaintPipeline:
                 result = masks.paste(result, np.asarray(image), mask_L)
             outputs.append(Image.fromarray(result))
         return outputs
-
