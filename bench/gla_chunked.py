@@ -2,12 +2,18 @@
 
 Default shapes = level 0 of the released teacher at 512 px: T = 64 x 64 = 4096 tokens, C = 320,
 8 heads (head_k 20, head_v 40), batch 2 (CFG). Run: `python bench/gla_chunked.py [--out FILE]`.
+
+With glibc's default malloc settings the chunked kernel's large temporaries are mapped fresh and
+page-faulted on every call (on the 2-core dev VM: ~60 ms of system time per call, more than the
+arithmetic). `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296` keeps them in the
+heap; the JSON records the MALLOC_* variables and the system CPU time of each kernel.
 """
 
 import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -18,13 +24,14 @@ import torch.nn.functional as F
 from moebius.models.gla import gla_chunked, gla_recurrent
 
 
-def timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+def timed(fn, system_times: list[float]) -> float:
+    """Wall seconds of one call; appends the kernel (system) CPU seconds it used."""
+    system = resource.getrusage(resource.RUSAGE_SELF).ru_stime
+    start = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - start
+    system_times.append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - system)
+    return wall
 
 
 def main() -> None:
@@ -36,7 +43,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=32)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     if args.threads:
@@ -58,10 +65,10 @@ def main() -> None:
     with torch.inference_mode():
         o_chunked, _ = chunked_fn()  # warm-up
         o_recurrent, _ = gla_recurrent(q, k, v, g)
-        chunked, recurrent = [], []
+        chunked, recurrent, chunked_sys, recurrent_sys = [], [], [], []
         for _ in range(args.repeats):  # interleaved, so background load hits both alike
-            chunked += timed(chunked_fn, 1)
-            recurrent += timed(lambda: gla_recurrent(q, k, v, g), 1)
+            chunked.append(timed(chunked_fn, chunked_sys))
+            recurrent.append(timed(lambda: gla_recurrent(q, k, v, g), recurrent_sys))
 
     result = {
         "benchmark": "gla_chunked_vs_recurrent",
@@ -83,9 +90,14 @@ def main() -> None:
         "speedup_of_minima": min(recurrent) / min(chunked),  # less sensitive to background load
         "chunked_times_s": chunked,
         "recurrent_times_s": recurrent,
+        # page faults of fresh large temporaries show up as system time (see malloc_env)
+        "chunked_system_cpu_s_median": statistics.median(chunked_sys),
+        "recurrent_system_cpu_s_median": statistics.median(recurrent_sys),
         "max_abs_diff": (o_chunked - o_recurrent).abs().max().item(),
         "max_abs_output": o_recurrent.abs().max().item(),
         "load_average_1min": os.getloadavg()[0],
+        # glibc malloc settings: large temporaries otherwise page-fault on every call here.
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }
     text = json.dumps(result, indent=2)
     print(text)

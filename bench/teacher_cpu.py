@@ -1,7 +1,8 @@
 """Full-size PixelHacker teacher (0.862B) forward on CPU, random weights, fp32; prints JSON.
 
 Default: 512 px image = 64 x 64 latent, batch 2 (one CFG pair), median of 3 runs after one
-warm-up. Run: `python bench/teacher_cpu.py [--out FILE]`.
+warm-up. Run: `python bench/teacher_cpu.py [--out FILE]` (see bench/gla_chunked.py for the
+MALLOC_* variables recorded in the JSON).
 """
 
 import argparse
@@ -72,6 +73,8 @@ def main() -> None:
         "rss_after_build_gb": rss_after_build,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,  # KB on Linux
         "load_average_1min": os.getloadavg()[0],
+        # glibc malloc settings: large temporaries otherwise page-fault on every call here.
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }
     text = json.dumps(result, indent=2)
     print(text)

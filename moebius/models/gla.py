@@ -86,7 +86,7 @@ def gla_chunked(
     v: torch.Tensor,
     g: torch.Tensor,
     scale: float | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk-parallel GLA, same math and signature as `gla_recurrent`.
 
