@@ -278,3 +278,44 @@ def test_released_size_forward():
         eps, features = model(sample, t, ids, return_features=True)
     assert eps.shape == (1, 4, 16, 24) and torch.isfinite(eps).all()
     assert [f.shape[1] for f in features] == [320, 640, 1280, 1280, 1280, 1280, 1280, 640, 320]
+
+
+def test_held_out_config_matches_diffusers_layout():
+    # Oracle for the SD-1.5 wiring under another config (depth, widths, groups, heads, odd size):
+    # diffusers' UNet2DConditionModel with our GLA swapped in as attn1 must give the same numbers.
+    diffusers = pytest.importorskip("diffusers")
+    from moebius.models.gla import GatedLinearAttention
+
+    class GLAAsAttn1(GatedLinearAttention):
+        def forward(self, hidden_states, *args, **kwargs):  # diffusers passes masks etc.
+            return super().forward(hidden_states)
+
+    config = held_out_config()
+    levels = len(config.block_out_channels)
+    oracle = diffusers.UNet2DConditionModel(
+        sample_size=config.sample_size,
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        block_out_channels=config.block_out_channels,
+        layers_per_block=config.layers_per_block,
+        attention_head_dim=config.num_attention_heads,  # the diffusers quirk: = number of heads
+        cross_attention_dim=config.cross_attention_dim,
+        encoder_hid_dim=config.encoder_hid_dim,
+        encoder_hid_dim_type="text_proj",
+        norm_num_groups=config.norm_num_groups,
+    )
+    for module in oracle.modules():
+        if hasattr(module, "attn1"):
+            module.attn1 = GLAAsAttn1(module.norm1.normalized_shape[0], config.num_attention_heads)
+    torch.manual_seed(4)
+    model = PixelHackerUNet(config).double().eval()
+    oracle.load_state_dict(model.diff_model.state_dict(), strict=True)
+    oracle.double().eval()
+    sample, _, ids = random_inputs(config, 2, 13, 9)
+    timesteps = torch.tensor([500, 20])
+    with torch.no_grad():
+        eps = model(sample.double(), timesteps, ids)
+        expected = oracle(sample.double(), timesteps, model.embedding_layer(ids)).sample
+    assert max_diff(eps, expected) <= 1e-12
