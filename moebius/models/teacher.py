@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from moebius.models.blocks import Downsample2D, Upsample2D
 from moebius.models.embeddings import TimestepEmbedding, expand_timesteps, timestep_sinusoid
 from moebius.models.gla import set_gla_kernel
-from moebius.models.teacher_blocks import Downsample2D, ResnetBlock2D, Transformer2D, Upsample2D
+from moebius.models.teacher_blocks import ResnetBlock2D, Transformer2D
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moebius.models.blocks import TRANSFORMER_NORM_EPS
 from moebius.models.gla import GatedLinearAttention
-
-# GroupNorm eps inside the Transformer2D wrapper; resnets and conv_norm_out use config.norm_eps.
-TRANSFORMER_GROUP_NORM_EPS = 1e-6
 
 
 class ResnetBlock2D(nn.Module):
@@ -41,31 +39,6 @@ class ResnetBlock2D(nn.Module):
         h = self.conv2(F.silu(self.norm2(h)))  # dropout 0
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h
-
-
-class Downsample2D(nn.Module):
-    """3x3 conv with stride 2 and padding 1: [B, C, H, W] -> [B, C, ceil(H/2), ceil(W/2)]."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, C, H, W] -> [B, C, ceil(H/2), ceil(W/2)]."""
-        return self.conv(x)
-
-
-class Upsample2D(nn.Module):
-    """Nearest-neighbour resize to `size` (2x on even sizes), then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """x [B, C, h, w] -> [B, C, *size]; `size` is the skip's size, so odd sizes line up."""
-        # Nearest to an explicit size equals scale_factor 2 whenever size == 2 * (h, w).
-        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class CrossAttention(nn.Module):
@@ -139,7 +112,7 @@ class Transformer2D(nn.Module):
 
     def __init__(self, channels: int, context_dim: int, heads: int, groups: int, gla_kwargs: dict):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_GROUP_NORM_EPS)
+        self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_NORM_EPS)
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             [TransformerBlock(channels, context_dim, heads, gla_kwargs)]
