@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--chunk-size", type=int, default=32)
+    parser.add_argument("--block-size", type=int, default=512, help="tokens per gla_chunked block")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     if args.threads:
@@ -60,7 +61,7 @@ def main() -> None:
     g = F.logsigmoid(torch.randn(*shape, head_k, generator=gen, dtype=dtype)) / 16
 
     def chunked_fn():
-        return gla_chunked(q, k, v, g, chunk_size=args.chunk_size)
+        return gla_chunked(q, k, v, g, chunk_size=args.chunk_size, block_size=args.block_size)
 
     with torch.inference_mode():
         o_chunked, _ = chunked_fn()  # warm-up
@@ -79,6 +80,7 @@ def main() -> None:
         "torch": torch.__version__,
         "dtype": args.dtype,
         "chunk_size": args.chunk_size,
+        "block_size": args.block_size,
         "shapes": {
             "q,k,g": [args.batch, args.length, args.heads, head_k],
             "v,o": [args.batch, args.length, args.heads, head_v],

@@ -53,6 +53,20 @@ def test_chunked_matches_recurrent(dtype, atol, length, chunk_size, gate_scale):
     torch.testing.assert_close(state, state_ref, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 5e-5), (torch.float64, 1e-11)])
+@pytest.mark.parametrize("gate_scale", [1.0, 30.0])
+def test_chunked_blocks_carry_the_state(dtype, atol, gate_scale):
+    # Several token blocks (block_size 40 rounds down to 2 chunks of 16), a ragged last block and
+    # a padded last chunk: the state must be carried exactly from block to block.
+    q, k, v, g = random_qkvg(2, 150, 3, 5, 7, gate_scale, dtype, seed=1)
+    o_ref, state_ref = gla_recurrent(q, k, v, g)
+    o, state = gla_chunked(q, k, v, g, chunk_size=16, block_size=40)
+    torch.testing.assert_close(o, o_ref, atol=atol, rtol=0)
+    torch.testing.assert_close(state, state_ref, atol=atol, rtol=0)
+    o_one_block, _ = gla_chunked(q, k, v, g, chunk_size=16, block_size=1024)
+    torch.testing.assert_close(o, o_one_block, atol=atol, rtol=0)
+
+
 def test_chunked_is_causal():
     q, k, v, g = random_qkvg(1, 90, 2, 4, 4, 1.0, torch.float64)
     v_changed = v.clone()

@@ -58,14 +58,15 @@ MAX_FACTORED_DECAY = 30.0
 def _redo_deep_chunks(
     q: torch.Tensor,
     k: torch.Tensor,
+    v: torch.Tensor,
     g: torch.Tensor,
     deep: torch.Tensor,
     scores: torch.Tensor,
-    k_decayed: torch.Tensor,
+    chunk_states: torch.Tensor,
 ) -> None:
-    """Exact pairwise intra scores and decayed keys, in place, for the chunks flagged `deep`.
+    """Exact pairwise intra scores and chunk states, in place, for the chunks flagged `deep`.
 
-    q, k, g [M, C, K], deep [M] bool, scores [M, C, C], k_decayed [M, C, K].
+    q, k, g [M, C, K], v [M, C, V], deep [M] bool, scores [M, C, C], chunk_states [M, K, V].
     Log decays are summed in float64 (where the device has it): b_t - b_s of two long sums would
     otherwise lose ~|b| * 1e-7 to cancellation in float32 exactly where gates decay strongly.
     """
@@ -77,7 +78,13 @@ def _redo_deep_chunks(
         log_decay = b[:, :, None, :] - b[:, None, :, :]  # (m, C_t, C_s, K), <= 0 where s <= t
         decay = log_decay.masked_fill(~causal, -math.inf).exp().to(q.dtype)
         scores[part] = torch.einsum("mtk,mtsk->mts", q[part], decay * k[part][:, None])
-        k_decayed[part] = k[part] * (b[:, -1:] - b).exp().to(q.dtype)
+        k_decayed = k[part] * (b[:, -1:] - b).exp().to(q.dtype)  # k_s exp(b_L - b_s)
+        chunk_states[part] = torch.bmm(k_decayed.transpose(1, 2), v[part])
+
+
+def _chunks(x: torch.Tensor, start: int, stop: int, chunk_size: int) -> torch.Tensor:
+    """Tokens start:stop of x [B, T, H, D] as chunks [N, B, H, C, D] (a view, no copy)."""
+    return x[:, start:stop].unflatten(1, (-1, chunk_size)).permute(1, 0, 3, 2, 4)
 
 
 def gla_chunked(
@@ -87,6 +94,7 @@ def gla_chunked(
     g: torch.Tensor,
     scale: float | None = None,
     chunk_size: int = 32,
+    block_size: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk-parallel GLA, same math and signature as `gla_recurrent`.
 
@@ -96,49 +104,66 @@ def gla_chunked(
       state  S    = diag(exp(b_L)) S_prev + sum_s (k_s * exp(b_L - b_s))^T v_s   (exponent <= 0)
     The intra and state terms are evaluated as exp(b_t) * exp(-b_s) (matmuls) only in chunks
     whose decay spans <= MAX_FACTORED_DECAY; stronger chunks are redone with the exponents
-    above, so nothing overflows however strongly the gates decay. Chunks are independent except
-    for S, so everything but the cheap state update runs batched over all chunks.
+    above, so nothing overflows however strongly the gates decay.
+
+    Tokens are processed in blocks of `block_size` (rounded to whole chunks): all chunks of a
+    block and all heads at once (batched matmuls), then a short loop carries S through the
+    block's chunks. Blocks keep every temporary small enough to stay in cache and to be reused
+    by the allocator: full-length temporaries cost more in memory traffic and page faults on CPU
+    than the arithmetic itself.
     """
     batch, length, heads, dim_k = q.shape
     dim_v = v.shape[-1]
     scale = dim_k**-0.5 if scale is None else scale
     out_dtype, dtype = v.dtype, _compute_dtype(q.dtype)
-    n_chunks = max(1, math.ceil(length / chunk_size))
-    pad = n_chunks * chunk_size - length
-
-    def to_chunks(x: torch.Tensor) -> torch.Tensor:
-        # (B, T, H, D) -> (B*H*N, C, D); padded tokens have q = k = v = 0 and g = 0 (no decay),
-        # so they change neither the outputs nor the final state.
-        x = F.pad(x.to(dtype).transpose(1, 2), (0, 0, 0, pad))
-        return x.reshape(batch * heads * n_chunks, chunk_size, x.shape[-1])
-
-    q, k, v, g = to_chunks(q) * scale, to_chunks(k), to_chunks(v), to_chunks(g)
-    b = g.cumsum(dim=1)  # (M, C, K) log decay from the chunk start through token t
-    b_exp = b.exp()
-    q_decayed = q * b_exp  # q_t exp(b_t)
-    # Factored intra-chunk scores A[t, s]; exp(-b) is clamped so that the chunks redone below
-    # (the only ones where the clamp acts) hold no inf.
-    k_grown = k / b_exp.clamp(min=math.exp(-MAX_FACTORED_DECAY))  # k_s exp(-b_s)
-    scores = torch.bmm(q_decayed, k_grown.transpose(1, 2)).tril_()  # (M, C_t, C_s), s <= t
-    k_decayed = k_grown * b_exp[:, -1:]  # k_s exp(b_L - b_s)
-    deep = -b[:, -1].amin(dim=-1) > MAX_FACTORED_DECAY  # (M,): b_L is the minimum of b
-    if deep.any():
-        _redo_deep_chunks(q, k, g, deep, scores, k_decayed)
-    o = torch.bmm(scores, v)  # intra-chunk part, (M, C, V)
-
-    # Inter-chunk part: a short loop carries S from chunk to chunk.
-    chunk_states = torch.bmm(k_decayed.transpose(1, 2), v)  # (M, K, V)
-    chunk_states = chunk_states.unflatten(0, (batch * heads, n_chunks))
-    chunk_decay = b_exp[:, -1, :, None].unflatten(0, (batch * heads, n_chunks))  # (BH, N, K, 1)
+    pad = -length % chunk_size
+    # Padded tokens have q = k = v = 0 and g = 0 (no decay): they change neither o nor S.
+    q, k, v, g = (
+        F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)) if pad else x.to(dtype) for x in (q, k, v, g)
+    )  # (B, T', H, D)
+    padded = length + pad
+    block_size = max(1, block_size // chunk_size) * chunk_size
+    o = q.new_empty(batch, padded, heads, dim_v)
     state = q.new_zeros(batch * heads, dim_k, dim_v)
-    states_before = []  # S at the start of each chunk
-    for n in range(n_chunks):
-        states_before.append(state)
-        state = state * chunk_decay[:, n] + chunk_states[:, n]
-    o = o.baddbmm_(q_decayed, torch.stack(states_before, dim=1).flatten(0, 1))
+    for start in range(0, padded, block_size):
+        stop = min(start + block_size, padded)
+        q_c, k_c, v_c, g_c = (_chunks(x, start, stop, chunk_size) for x in (q, k, v, g))
+        n_chunks = g_c.shape[0]
+        n = n_chunks * batch * heads  # M: chunks of all heads, ordered (N, B, H)
 
-    o = o.reshape(batch, heads, n_chunks * chunk_size, dim_v)[:, :, :length]
-    return o.transpose(1, 2).to(out_dtype), state.reshape(batch, heads, dim_k, dim_v)
+        def buffer(x: torch.Tensor) -> torch.Tensor:
+            return x.new_empty(x.shape)  # contiguous (N, B, H, C, D): chunk-major matrices
+
+        b = torch.cumsum(g_c, dim=3, out=buffer(g_c)).view(n, chunk_size, dim_k)
+        deep = -b[:, -1].amin(dim=-1) > MAX_FACTORED_DECAY  # (M,): b_L is the minimum of b
+        b_exp = b.exp_()  # exp(b_t), (M, C, K)
+        q_decayed = torch.mul(q_c, b_exp.view(g_c.shape), out=buffer(q_c)).view_as(b)
+        q_decayed.mul_(scale)  # q_t * scale * exp(b_t)
+        k_grown = torch.div(k_c, b_exp.view(g_c.shape), out=buffer(k_c)).view_as(b)
+        v_block = buffer(v_c).copy_(v_c).view(n, chunk_size, dim_v)
+        # Factored intra-chunk scores A[t, s] = sum_d q_td exp(b_td) k_sd exp(-b_sd), s <= t.
+        # In deep chunks exp(-b) may overflow: those scores and states are replaced below.
+        scores = torch.bmm(q_decayed, k_grown.transpose(1, 2)).tril_()  # (M, C_t, C_s)
+        # Chunk states sum_s (k_s exp(b_L - b_s))^T v_s = diag(exp(b_L)) (k_grown^T v), (M, K, V)
+        chunk_decay = b_exp[:, -1, :, None]  # exp(b_L), (M, K, 1)
+        chunk_states = torch.bmm(k_grown.transpose(1, 2), v_block).mul_(chunk_decay)
+        if deep.any():
+            q_raw, k_raw, g_raw = (x.reshape(n, chunk_size, dim_k) for x in (q_c, k_c, g_c))
+            _redo_deep_chunks(q_raw * scale, k_raw, v_block, g_raw, deep, scores, chunk_states)
+        o_block = torch.bmm(scores, v_block)  # intra-chunk part, (M, C, V)
+
+        # Inter-chunk part: S before each chunk, S <- diag(exp(b_L)) S + chunk state.
+        chunk_states = chunk_states.view(n_chunks, batch * heads, dim_k, dim_v)
+        chunk_decay = chunk_decay.view(n_chunks, batch * heads, dim_k, 1)
+        states = q.new_empty(n_chunks + 1, batch * heads, dim_k, dim_v)
+        states[0] = state
+        for i in range(n_chunks):
+            torch.addcmul(chunk_states[i], states[i], chunk_decay[i], out=states[i + 1])
+        state = states[n_chunks]
+        o_block.baddbmm_(q_decayed, states[:n_chunks].view(n, dim_k, dim_v))
+        _chunks(o, start, stop, chunk_size).copy_(o_block.view(n_chunks, batch, heads, -1, dim_v))
+
+    return o[:, :length].to(out_dtype), state.reshape(batch, heads, dim_k, dim_v)
 
 
 @functools.cache
