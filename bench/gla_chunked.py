@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--chunk-size", type=int, default=32)
-    parser.add_argument("--block-size", type=int, default=512, help="tokens per gla_chunked block")
+    parser.add_argument("--block-size", type=int, default=1024, help="tokens per gla_chunked block")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     if args.threads:

@@ -94,7 +94,7 @@ def gla_chunked(
     g: torch.Tensor,
     scale: float | None = None,
     chunk_size: int = 32,
-    block_size: int = 512,
+    block_size: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk-parallel GLA, same math and signature as `gla_recurrent`.
 
@@ -106,11 +106,12 @@ def gla_chunked(
     whose decay spans <= MAX_FACTORED_DECAY; stronger chunks are redone with the exponents
     above, so nothing overflows however strongly the gates decay.
 
-    Tokens are processed in blocks of `block_size` (rounded to whole chunks): all chunks of a
+    The log decays b and exp(b) are computed for all chunks at once; everything else runs in
+    blocks of `block_size` tokens (rounded down to whole chunks, at least one): all chunks of a
     block and all heads at once (batched matmuls), then a short loop carries S through the
-    block's chunks. Blocks keep every temporary small enough to stay in cache and to be reused
-    by the allocator: full-length temporaries cost more in memory traffic and page faults on CPU
-    than the arithmetic itself.
+    block's chunks. Blocks keep the temporaries small enough to stay in cache and to be reused by
+    the allocator (on CPU full-length temporaries cost more in memory traffic and page faults
+    than the arithmetic), while few enough blocks keep the per-op Python overhead small.
     """
     batch, length, heads, dim_k = q.shape
     dim_v = v.shape[-1]
@@ -122,40 +123,56 @@ def gla_chunked(
         F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)) if pad else x.to(dtype) for x in (q, k, v, g)
     )  # (B, T', H, D)
     padded = length + pad
-    block_size = max(1, block_size // chunk_size) * chunk_size
+    n_total = padded // chunk_size
+    bh = batch * heads
+    # Log decays of all chunks at once: b = cumsum(g) from each chunk start, (N, B*H, C, K).
+    g_chunks = _chunks(g, 0, padded, chunk_size)
+    b = torch.cumsum(g_chunks, dim=3, out=g_chunks.new_empty(g_chunks.shape)).flatten(1, 2)
+    deep = -b[:, :, -1].amin(dim=-1) > MAX_FACTORED_DECAY  # (N, B*H): b_L is the minimum of b
+    any_deep = bool(deep.any())
+    b_exp = b.exp_()  # exp(b_t), (N, B*H, C, K)
+
+    block_chunks = max(1, block_size // chunk_size)
     o = q.new_empty(batch, padded, heads, dim_v)
-    state = q.new_zeros(batch * heads, dim_k, dim_v)
-    for start in range(0, padded, block_size):
-        stop = min(start + block_size, padded)
-        q_c, k_c, v_c, g_c = (_chunks(x, start, stop, chunk_size) for x in (q, k, v, g))
-        n_chunks = g_c.shape[0]
-        n = n_chunks * batch * heads  # M: chunks of all heads, ordered (N, B, H)
+    state = q.new_zeros(bh, dim_k, dim_v)
+    for first in range(0, n_total, block_chunks):
+        last = min(first + block_chunks, n_total)
+        start, stop = first * chunk_size, last * chunk_size
+        n_chunks, n = last - first, (last - first) * bh  # M = n: chunks ordered (N, B, H)
+        q_c, k_c, v_c = (_chunks(x, start, stop, chunk_size) for x in (q, k, v))
+        e = b_exp[first:last].view(q_c.shape[:-1] + (dim_k,))  # (N, B, H, C, K)
 
         def buffer(x: torch.Tensor) -> torch.Tensor:
             return x.new_empty(x.shape)  # contiguous (N, B, H, C, D): chunk-major matrices
 
-        b = torch.cumsum(g_c, dim=3, out=buffer(g_c)).view(n, chunk_size, dim_k)
-        deep = -b[:, -1].amin(dim=-1) > MAX_FACTORED_DECAY  # (M,): b_L is the minimum of b
-        b_exp = b.exp_()  # exp(b_t), (M, C, K)
-        q_decayed = torch.mul(q_c, b_exp.view(g_c.shape), out=buffer(q_c)).view_as(b)
+        q_decayed = torch.mul(q_c, e, out=buffer(q_c)).view(n, chunk_size, dim_k)
         q_decayed.mul_(scale)  # q_t * scale * exp(b_t)
-        k_grown = torch.div(k_c, b_exp.view(g_c.shape), out=buffer(k_c)).view_as(b)
+        k_grown = torch.div(k_c, e, out=buffer(k_c)).view(n, chunk_size, dim_k)  # k_s exp(-b_s)
         v_block = buffer(v_c).copy_(v_c).view(n, chunk_size, dim_v)
         # Factored intra-chunk scores A[t, s] = sum_d q_td exp(b_td) k_sd exp(-b_sd), s <= t.
         # In deep chunks exp(-b) may overflow: those scores and states are replaced below.
         scores = torch.bmm(q_decayed, k_grown.transpose(1, 2)).tril_()  # (M, C_t, C_s)
         # Chunk states sum_s (k_s exp(b_L - b_s))^T v_s = diag(exp(b_L)) (k_grown^T v), (M, K, V)
-        chunk_decay = b_exp[:, -1, :, None]  # exp(b_L), (M, K, 1)
+        chunk_decay = e.view(n, chunk_size, dim_k)[:, -1, :, None]  # exp(b_L), (M, K, 1)
         chunk_states = torch.bmm(k_grown.transpose(1, 2), v_block).mul_(chunk_decay)
-        if deep.any():
-            q_raw, k_raw, g_raw = (x.reshape(n, chunk_size, dim_k) for x in (q_c, k_c, g_c))
-            _redo_deep_chunks(q_raw * scale, k_raw, v_block, g_raw, deep, scores, chunk_states)
+        if any_deep and deep[first:last].any():
+            q_raw, k_raw = (x.reshape(n, chunk_size, dim_k) for x in (q_c, k_c))
+            g_raw = g_chunks[first:last].reshape(n, chunk_size, dim_k)
+            _redo_deep_chunks(
+                q_raw * scale,
+                k_raw,
+                v_block,
+                g_raw,
+                deep[first:last].flatten(),
+                scores,
+                chunk_states,
+            )
         o_block = torch.bmm(scores, v_block)  # intra-chunk part, (M, C, V)
 
         # Inter-chunk part: S before each chunk, S <- diag(exp(b_L)) S + chunk state.
-        chunk_states = chunk_states.view(n_chunks, batch * heads, dim_k, dim_v)
-        chunk_decay = chunk_decay.view(n_chunks, batch * heads, dim_k, 1)
-        states = q.new_empty(n_chunks + 1, batch * heads, dim_k, dim_v)
+        chunk_states = chunk_states.view(n_chunks, bh, dim_k, dim_v)
+        chunk_decay = chunk_decay.view(n_chunks, bh, dim_k, 1)
+        states = q.new_empty(n_chunks + 1, bh, dim_k, dim_v)
         states[0] = state
         for i in range(n_chunks):
             torch.addcmul(chunk_states[i], states[i], chunk_decay[i], out=states[i + 1])
