@@ -3,9 +3,10 @@
 Default shapes = level 0 of the released teacher at 512 px: T = 64 x 64 = 4096 tokens, C = 320,
 8 heads (head_k 20, head_v 40), batch 2 (CFG). Run: `python bench/gla_chunked.py [--out FILE]`.
 
-With glibc's default malloc settings the chunked kernel's large temporaries are mapped fresh and
-page-faulted on every call (on the 2-core dev VM: ~60 ms of system time per call, more than the
-arithmetic). `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296` keeps them in the
+With glibc's default malloc settings large temporaries are mapped fresh and page-faulted on every
+call (on the 2-core dev VM a full-length chunked kernel spent ~60 ms of system time per call, more
+than the arithmetic); `gla_chunked` therefore works in blocks of `--block-size` tokens.
+`MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296` keeps large temporaries in the
 heap; the JSON records the MALLOC_* variables and the system CPU time of each kernel.
 """
 
