@@ -11,7 +11,6 @@ heap; the JSON records the MALLOC_* variables and the system CPU time of each ke
 """
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from report import emit, machine_state
 
 from moebius.models.gla import gla_chunked, gla_recurrent
 
@@ -98,15 +98,9 @@ def main() -> None:
         "recurrent_system_cpu_s_median": statistics.median(recurrent_sys),
         "max_abs_diff": (o_chunked - o_recurrent).abs().max().item(),
         "max_abs_output": o_recurrent.abs().max().item(),
-        "load_average_1min": os.getloadavg()[0],
-        # glibc malloc settings: large temporaries otherwise page-fault on every call here.
-        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        **machine_state(),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,14 @@ One forward = one denoising step with classifier-free guidance (batch 2 per imag
 """
 
 import argparse
-import json
-import os
 import platform
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
+from report import emit, machine_state
 from torch.utils.flop_counter import FlopCounterMode
 
 from moebius.models import MoebiusConfig, MoebiusUNet
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, default=2, help="2 = one image with guidance")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
 
     config = MoebiusConfig()
@@ -93,10 +94,10 @@ def main() -> None:
         "input_shape": [args.batch, config.in_channels, config.sample_size, config.sample_size],
         "gflop_per_forward": flops / 1e9,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "load_average_1_5_15": os.getloadavg(),  # other work on the machine skews CPU timings
+        **machine_state(),
         "results": results,
     }
-    print(json.dumps(report, indent=2))
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ MALLOC_* variables recorded in the JSON).
 """
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import emit, machine_state
 
 from moebius.models.teacher import PixelHackerConfig, PixelHackerUNet
 
@@ -72,15 +72,9 @@ def main() -> None:
         "times_s": times,
         "rss_after_build_gb": rss_after_build,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,  # KB on Linux
-        "load_average_1min": os.getloadavg()[0],
-        # glibc malloc settings: large temporaries otherwise page-fault on every call here.
-        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        **machine_state(),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
