@@ -45,8 +45,14 @@ def load_tiny_decoder(
     else:
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(str(source), allow_patterns=list(TAESDXL_FILES),
-                                      cache_dir=cache_dir, local_files_only=local_files_only))  # fmt: skip
+        path = Path(
+            snapshot_download(
+                str(source),
+                allow_patterns=list(TAESDXL_FILES),
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+            )
+        )
     tiny = AutoencoderTiny.from_pretrained(path, low_cpu_mem_usage=False)
     if tiny.config.latent_channels != 4:
         raise ValueError(

@@ -5,7 +5,7 @@ Graphs (batch axis dynamic, spatial size fixed at the native size N = 8 n; relea
     vae_encoder.onnx  image [B,3,N,N] in [-1,1]                    -> moments [B,2c,n,n]
     unet.onnx         sample [B,9,n,n], timestep [B] int64,
                       input_ids [B,10] int64                         -> eps [B,4,n,n]
-    vae_decoder.onnx  z [B,c,n,n] = latents / scaling_factor         -> image [B,3,N,N], about [-1,1]
+    vae_decoder.onnx  z [B,c,n,n] = latents / scaling_factor         -> image [B,3,N,N] ~ [-1,1]
 
 `moments` is diffusers' posterior parameters: mean = moments[:, :c], logvar = moments[:, c:]
 clamped to [-30, 20], and the pipeline's latents are (mean + exp(logvar / 2) * eps) *

@@ -84,7 +84,7 @@ class OnnxUNet(_Backend):
 
 
 class OnnxVAE(_Backend):
-    """`encode(image).latent_dist` (diffusers' posterior) and `decode(z).sample`, as AutoencoderKL."""
+    """`encode(image).latent_dist` (diffusers' posterior), `decode(z).sample`: as AutoencoderKL."""
 
     def __init__(self, encoder, decoder, config: dict):
         self.encoder, self.decoder, self.config = encoder, decoder, FrozenDict(config)
