@@ -53,14 +53,14 @@ def load_tiny_decoder(
                 local_files_only=local_files_only,
             )
         )
-    tiny = AutoencoderTiny.from_pretrained(path, low_cpu_mem_usage=False)
-    if tiny.config.latent_channels != 4:
+    config = AutoencoderTiny.load_config(path)
+    if config.get("latent_channels") != 4:
         raise ValueError(
-            f"{source} decodes {tiny.config.latent_channels}-channel latents; the SDXL latent "
+            f"{source} decodes {config.get('latent_channels')}-channel latents; the SDXL latent "
             f"space has 4 (use {TAESDXL_REPO})"
         )
-    tiny.to(device=device, dtype=dtype)
-    return tiny.eval()
+    tiny = AutoencoderTiny.from_pretrained(path, low_cpu_mem_usage=False, torch_dtype=dtype)
+    return tiny.to(device=device).eval()
 
 
 def decode(tiny, latents: torch.Tensor) -> torch.Tensor:
