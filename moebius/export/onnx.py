@@ -107,7 +107,8 @@ def _context_len(unet: nn.Module) -> int:
 OUTPUT_NAMES = {"vae_encoder": "moments", "unet": "eps", "vae_decoder": "image"}
 
 
-def _graph_modules(unet: nn.Module, vae: nn.Module) -> dict[str, nn.Module]:
+def graph_modules(unet: nn.Module, vae: nn.Module) -> dict[str, nn.Module]:
+    """The torch modules that are exported, by graph name (eval mode)."""
     return {
         "vae_encoder": VaeEncoderGraph(vae).eval(),
         "unet": UNetGraph(unet).eval(),
@@ -155,7 +156,7 @@ def export(
 
         unet = copy.deepcopy(unet).to(DTYPES[dtype])
     inputs = example_inputs(unet, vae, batch=1, generator=torch.Generator().manual_seed(0))
-    for name, module in _graph_modules(unet, vae).items():
+    for name, module in graph_modules(unet, vae).items():
         logger.info("exporting %s", GRAPH_FILES[name])
         _export_graph(module, inputs[name], OUTPUT_NAMES[name], out_dir / GRAPH_FILES[name])
         if name == "unet":
@@ -300,7 +301,7 @@ def parity(
 
         unet = copy.deepcopy(unet).to(DTYPES[data["graphs"]["unet"]["weights_dtype"]])
     diffs = {}
-    for name, module in _graph_modules(unet, vae).items():
+    for name, module in graph_modules(unet, vae).items():
         session = ort.InferenceSession(
             str(out_dir / GRAPH_FILES[name]), providers=["CPUExecutionProvider"]
         )
