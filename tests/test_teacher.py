@@ -13,9 +13,12 @@ from moebius.models.embeddings import timestep_sinusoid
 from moebius.models.teacher import PixelHackerConfig, PixelHackerUNet
 
 PARITY = ("reference", "parity_teacher")
-# fp32 tolerances of the README ("Precision"): the reduced teacher is ill-conditioned in fp32
-# (its own fp32 and fp64 runs differ by 8.4e-4 / 2.7e-4), so float64 is the discriminative check.
-FP32_ATOL = {"A": 3e-3, "B": 1e-3}
+# fp32 tolerances: the reduced teacher is ill-conditioned in fp32 (README "Precision": its own fp32
+# and fp64 runs differ by 8.4e-4 / 2.7e-4), so float64 (<= 1e-8) is the discriminative check. The
+# fp32 rounding noise depends on the CPU's kernels: set A lands at 4.9e-4 on an AVX2 CPU, 3.4e-3 with
+# oneDNN on an AVX-512/AMX CPU and 5.2e-3 there without oneDNN (while fp64 stays at 3e-12), so its
+# bound is the README's 3e-3 widened to cover every kernel measured.
+FP32_ATOL = {"A": 1e-2, "B": 1e-3}
 # The reference block outputs are fp32 and carry that noise too: the exact (fp64) features differ
 # from them by up to 4.7e-3 (A, last block) / 6e-5 (B).
 FEATURE_ATOL = {"A": 1e-2, "B": 1e-3}
