@@ -84,24 +84,19 @@ class VaeDecoderGraph(nn.Module):
 
 def example_inputs(unet: nn.Module, vae: nn.Module, batch: int = 2, generator=None) -> dict:
     """Random float32 inputs of every graph: {graph: {input name: tensor}}."""
-    n = unet.config.sample_size
-    big, c = n * vae_lib.latent_factor(vae), vae.config.latent_channels
-    in_channels = unet.config.in_channels
+    cfg = unet.config
+    n, c = cfg.sample_size, vae.config.latent_channels
+    big = n * vae_lib.latent_factor(vae)
+    ids_shape = (batch, cfg.num_context_tokens)
     return {
         "vae_encoder": {"image": torch.rand(batch, 3, big, big, generator=generator) * 2 - 1},
         "unet": {
-            "sample": torch.randn(batch, in_channels, n, n, generator=generator),
+            "sample": torch.randn(batch, cfg.in_channels, n, n, generator=generator),
             "timestep": torch.randint(0, 1000, (batch,), generator=generator),
-            "input_ids": torch.randint(
-                0, unet.config.num_embeddings, (batch, _context_len(unet)), generator=generator
-            ),
-        },  # fmt: skip
+            "input_ids": torch.randint(0, cfg.num_embeddings, ids_shape, generator=generator),
+        },
         "vae_decoder": {"z": torch.randn(batch, c, n, n, generator=generator)},
     }
-
-
-def _context_len(unet: nn.Module) -> int:
-    return unet.config.num_embeddings // 2  # one category's tokens per row of input_ids
 
 
 OUTPUT_NAMES = {"vae_encoder": "moments", "unet": "eps", "vae_decoder": "image"}
@@ -202,7 +197,7 @@ def manifest(unet: nn.Module, vae: nn.Module, scheduler, unet_dtype: str = "fp32
                         "noisy latent x_t (4) | hole mask (1) | masked-image latent (4)",
                     ],
                     "timestep": [[batch], "int64", "DDIM timestep per sample"],
-                    "input_ids": [[batch, _context_len(unet)], "int64", "category ids"],
+                    "input_ids": [[batch, unet.config.num_context_tokens], "int64", "category ids"],
                 },
                 [[batch, c, n, n], "float32", "noise prediction eps"],
             ),
