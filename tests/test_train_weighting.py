@@ -145,7 +145,8 @@ def test_fixed_weights_skip_the_norms():
     l_task, l_out, l_feat = (
         float(logs[k]) for k in ("loss_task", "loss_output_kd", "loss_feature_kd")
     )
-    assert float(total.detach()) == pytest.approx(0.01 * l_feat + 0.5 * l_task + 0.01 * l_out, rel=1e-12)
+    expected = 0.01 * l_feat + 0.5 * l_task + 0.01 * l_out
+    assert float(total.detach()) == pytest.approx(expected, rel=1e-12)
 
 
 def test_without_the_task_term_the_ratios_fall_back_to_static_weights():
