@@ -10,13 +10,11 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-pytest.importorskip("onnxruntime", reason="onnxruntime is the `export` extra")
-
-from moebius import cli  # noqa: E402
-from moebius.export import onnx as onnx_export  # noqa: E402
-from moebius.export import runtime  # noqa: E402
-from moebius.models import MoebiusConfig, MoebiusUNet  # noqa: E402
-from moebius.pipeline import InpaintPipeline, category_ids  # noqa: E402
+from moebius import cli
+from moebius.export import onnx as onnx_export
+from moebius.export import runtime
+from moebius.models import MoebiusConfig, MoebiusUNet
+from moebius.pipeline import InpaintPipeline, category_ids
 
 
 def _tiny_pipeline(seed: int = 0) -> InpaintPipeline:
