@@ -19,7 +19,8 @@ def test_presets_load_and_round_trip(name, tmp_path):
 
 def test_distill_preset_is_the_original_recipe():
     c = load_config(CONFIGS / "distill.json")
-    assert (c.run.mode, c.run.batch_size, c.run.seed, c.run.max_steps) == ("distill", 2, 42, 200_000)
+    assert (c.run.mode, c.run.batch_size, c.run.seed) == ("distill", 2, 42)
+    assert c.run.max_steps == 200_000
     assert (c.optim.lr, c.optim.weight_decay, c.optim.warmup_steps) == (1e-4, 0.1, 0)
     assert (c.optim.max_grad_norm, c.run.noise_offset, c.data.resolution) == (1.0, 0.0357, 512)
     assert (c.model.student, c.model.teacher, c.data.mask_protocol) == (

@@ -37,7 +37,7 @@ def _mask(path, w, h, box):
 
 @pytest.fixture()
 def folder(tmp_path):
-    """a.png (96x64, mask a_mask.png), b.jpg (64x80, no mask), c.png (64x64, mask c.png in masks/)."""
+    """a.png 96x64 (mask a_mask.png), b.jpg 64x80 (no mask), c.png 64x64 (mask in masks/)."""
     images = tmp_path / "images"
     images.mkdir()
     _photo(images / "a.png", 96, 64, 1)

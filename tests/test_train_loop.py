@@ -89,8 +89,8 @@ def test_short_run_learns_and_exports_a_loadable_pipeline(manifest, tmp_path):
     assert last < 0.8 * first, (first, last)
     assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
     assert json.loads((run / "config.json").read_text())["run"]["max_steps"] == 40
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000020",
-                                                                        "step-00000040"]  # fmt: skip
+    saved = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert saved == ["step-00000020", "step-00000040"]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     _check_final(final, run / "checkpoints" / "step-00000040")
 
@@ -119,23 +119,27 @@ def test_resume_continues_exactly(manifest, tmp_path):
     """N straight steps == N/2 steps, stop, --resume, N/2 more: metrics and weights identical."""
     n = 6
     straight, split = tmp_path / "straight", tmp_path / "split"
-    loop.train(tiny(manifest, f"run.max_steps={n}", "optim.ema=true", "run.batch_size=3"), straight)
-    loop.train(tiny(manifest, f"run.max_steps={n // 2}", "optim.ema=true", "run.batch_size=3"),
-               split)  # fmt: skip
-    loop.train(tiny(manifest, f"run.max_steps={n}", "optim.ema=true", "run.batch_size=3"), split,
-               resume=True)  # fmt: skip
-    assert metrics(split) == metrics(straight)  # steps 1..n, the resumed half included
-    for name in ("model.safetensors",):
-        a, b = load_file(str(straight / "final/unet" / name)), load_file(str(split / "final/unet"
-                                                                                / name))  # fmt: skip
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    # the original recipe's loss (task + both KD terms, gradient-norm weights), EMA on, and a
+    # batch size that does not divide the 10 photos, so the data position crosses an epoch
+    recipe = ["loss.task=true", "loss.adaptive=true", "loss.kd_weight=0.01", "optim.ema=true",
+              "run.batch_size=3", "run.save_every=2"]  # fmt: skip
+    loop.train(tiny(manifest, f"run.max_steps={n}", *recipe), straight)
+    loop.train(tiny(manifest, f"run.max_steps={n // 2}", *recipe), split)
+    loop.train(tiny(manifest, f"run.max_steps={n}", *recipe), split, resume=True)
+    rows = metrics(split)
+    assert [r["step"] for r in rows] == list(range(1, n + 1))
+    assert rows == metrics(straight)  # every value of the resumed steps, bit for bit
+    assert all(r["weight_output_kd"] is not None and r["weight_feature"] for r in rows)
+    a = load_file(str(straight / "final/unet/model.safetensors"))  # the EMA weights
+    b = load_file(str(split / "final/unet/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(manifest, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "moebius.cli", "train", str(TINY), "--output-dir", str(run),
-           "--max-steps", "1000", "--set", f"data.manifest={manifest}", "--set", "run.progress=false",
-           "--set", "data.num_workers=0"]  # fmt: skip
+    cmd = [sys.executable, "-m", "moebius", "train", str(TINY), "--output-dir", str(run),
+           "--max-steps", "1000", "--set", f"data.manifest={manifest}", "--set",
+           "run.progress=false", "--set", "data.num_workers=0"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while time.time() < deadline and not (

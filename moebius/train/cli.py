@@ -1,4 +1,4 @@
-"""`moebius train ...` and `moebius data manifest ...`: argument parsing that calls the train package.
+"""`moebius train ...` and `moebius data manifest ...`: argument parsing, then the train package.
 
   moebius train CONFIG.json --output-dir DIR [--max-steps N] [--resume] [--set KEY=VALUE ...]
   moebius train cache-latents MANIFEST --vae VAE --out DIR [--variants K] [--set KEY=VALUE ...]

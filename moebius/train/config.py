@@ -1,4 +1,4 @@
-"""Training configuration: one frozen dataclass tree, read from JSON, changed by dotted `--set` keys.
+"""Training configuration: one frozen dataclass tree, read from JSON, changed by `--set` keys.
 
 `TrainConfig` groups `data`, `model`, `loss`, `optim` and `run` sections; the defaults are the
 original recipe (shared/spec/training.md 3.5-3.6, 4.1-4.2). A preset JSON (configs/*.json) only
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moebius.train.losses import LossConfig
+from moebius.train.step import LossConfig
 
 MODES = ("distill", "finetune", "teacher_free")
 PRECISIONS = ("auto", "bf16", "fp32")  # auto = bf16 autocast where the device supports it
@@ -104,6 +104,12 @@ class TrainConfig:
             raise ValueError('run.mode "distill" needs a teacher: set model.teacher')
         if self.run.mode == "finetune" and self.model.student_weights is None:
             raise ValueError('run.mode "finetune" starts from weights: set model.student_weights')
+        if self.model.teacher is None and self.loss.needs_teacher:
+            raise ValueError(
+                "output / feature KD compare against a teacher, but model.teacher is null: "
+                "set loss.output_kd=false and loss.feature_kd=false (teacher-free training) "
+                "or give a teacher"
+            )
         if self.run.mode == "teacher_free" and self.model.teacher is not None:
             raise ValueError(
                 'run.mode "teacher_free" trains without a teacher: set model.teacher to null '
@@ -144,9 +150,7 @@ def _coerce(key: str, value, annotation):
         item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
         if item is None and len(args) != len(value):
             raise TypeError(f"{key} must have {len(args)} items, got {value!r}")
-        return tuple(
-            _coerce(f"{key}[{i}]", v, item or args[i]) for i, v in enumerate(value)
-        )
+        return tuple(_coerce(f"{key}[{i}]", v, item or args[i]) for i, v in enumerate(value))
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation in (int, float, str, bool):

@@ -34,7 +34,7 @@ class Dist:
 
 
 def setup(device: str | None = None) -> Dist:
-    """Join the torchrun job if there is one; pick this process's device (cuda:LOCAL_RANK or cpu)."""
+    """Join the torchrun job if there is one; this process's device: cuda:LOCAL_RANK or cpu."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")

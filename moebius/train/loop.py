@@ -10,6 +10,7 @@ modules beside this one; this file only wires them together.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -19,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch.utils.checkpoint import checkpoint
 
@@ -27,13 +27,18 @@ from moebius import masks
 from moebius import vae as vae_lib
 from moebius.models import checkpoints as model_io
 from moebius.recipe import make_scheduler
+from moebius.train import (
+    EMA,
+    build_optimizer,
+    distill_losses,
+    distributed,
+    logs_to_floats,
+    weighting_params,
+)
 from moebius.train import checkpoint as ckpt
-from moebius.train import distributed
 from moebius.train.config import TrainConfig, save_config
 from moebius.train.data import DataPosition, EpochSampler, InpaintDataset, collate, read_manifest
-from moebius.train.ema import EMA
-from moebius.train.losses import distill_losses
-from moebius.train.optim import build_optimizer
+from moebius.train.losses import offset_noise
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +65,8 @@ def make_noise_scheduler() -> DDPMScheduler:
 def logit_normal_timesteps(batch: int, generator: torch.Generator) -> torch.Tensor:
     """t = floor(1000 * sigmoid(u)), u ~ N(0, 1): integers 0..999 [B] (spec 3.1.5)."""
     u = torch.randn(batch, generator=generator, device=generator.device)
-    return (NUM_TRAIN_TIMESTEPS * torch.sigmoid(u)).floor().long().clamp_(0, NUM_TRAIN_TIMESTEPS - 1)
-
-
-def offset_noise(shape, offset: float, generator: torch.Generator) -> torch.Tensor:
-    """eps = randn + offset * randn[B, C, 1, 1]; also the task loss's target (spec 3.1.4)."""
-    b, c = shape[:2]
-    dev = generator.device
-    return torch.randn(shape, generator=generator, device=dev) + offset * torch.randn(
-        (b, c, 1, 1), generator=generator, device=dev
-    )
+    t = (NUM_TRAIN_TIMESTEPS * torch.sigmoid(u)).floor().long()
+    return t.clamp_(0, NUM_TRAIN_TIMESTEPS - 1)
 
 
 # ------------------------------------------------------------------------- networks and latents
@@ -104,7 +101,7 @@ def _seeded_model(config, seed: int) -> torch.nn.Module:
 
 
 def _architecture(kind: str, model_type: str):
-    """"released" or "tiny" -> the config of `model_type` ("moebius" student, "pixelhacker")."""
+    """The config of `model_type` ("moebius", "pixelhacker") for `kind` "released" or "tiny"."""
     config = model_io.released_config(model_type)
     if kind == "tiny":
         return type(config).tiny()
@@ -130,6 +127,30 @@ class Networks:
     student: torch.nn.Module
     teacher: torch.nn.Module | None
     vae: torch.nn.Module  # encodes the batches (unless a latent cache is used); saved in final/
+    perceptual: torch.nn.Module | None = None  # the E-LatentLPIPS metric when the term is on
+
+
+def resolve_perceptual(config: TrainConfig, device) -> tuple[TrainConfig, torch.nn.Module | None]:
+    """The E-LatentLPIPS metric when loss.perceptual is on and it can be built, else the term off.
+
+    The metric needs the user's `elatentlpips` package and its weights (spec 3.2; nothing is
+    downloaded here). When they are absent, the run trains without the term and says so at start.
+    """
+    if not config.loss.perceptual:
+        return config, None
+    try:
+        from moebius.train.perceptual import load_perceptual
+
+        return config, load_perceptual(device=device)
+    except (ImportError, OSError, RuntimeError) as err:
+        logger.warning(
+            "perceptual loss OFF: the E-LatentLPIPS metric is unavailable (%s: %s); "
+            "set loss.perceptual=false to silence this",
+            type(err).__name__,
+            err,
+        )
+        loss = config.loss.replace(perceptual=False)
+        return dataclasses.replace(config, loss=loss), None
 
 
 def build_networks(config: TrainConfig) -> Networks:
@@ -158,14 +179,15 @@ def build_networks(config: TrainConfig) -> Networks:
 def _frozen_batchnorm_stats(module: torch.nn.Module):
     """BatchNorm momentum 0 while a checkpointed block recomputes: running stats update once."""
     bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [bn.momentum for bn in bns]
+    saved = [(bn.momentum, bn.num_batches_tracked.clone()) for bn in bns]
     for bn in bns:
-        bn.momentum = 0.0
+        bn.momentum = 0.0  # running = (1 - 0) * running + 0 * batch statistics
     try:
         yield
     finally:
-        for bn, momentum in zip(bns, saved, strict=True):
+        for bn, (momentum, tracked) in zip(bns, saved, strict=True):
             bn.momentum = momentum
+            bn.num_batches_tracked.copy_(tracked)
 
 
 def enable_gradient_checkpointing(student: torch.nn.Module) -> None:
@@ -208,31 +230,35 @@ def train_step(batch, nets, student, optimizer, lr_scheduler, ema, config, noise
     device = gen.device
     batch = {k: v.to(device) for k, v in batch.items()}
     latents, masked_latents = posterior_latents(batch, nets.vae, gen)  # (B, 4, h, w) each
-    mask = batch["latent_mask"] if "latent_mask" in batch else masks.latent_mask(
-        batch["mask"].float(), latents.shape[-2:]
+    mask = (
+        batch["latent_mask"]
+        if "latent_mask" in batch
+        else masks.latent_mask(batch["mask"].float(), latents.shape[-2:])
     )  # (B, 1, h, w), nearest, as the original
-    noise = offset_noise(latents.shape, config.run.noise_offset, gen)
+    noise = offset_noise(latents.shape, config.run.noise_offset, gen, device)  # incl. offset
     timesteps = logit_normal_timesteps(latents.shape[0], gen).to(device)
     x_t = noise_scheduler.add_noise(latents, noise, timesteps)  # sqrt(ab) x0 + sqrt(1-ab) eps
     sample = torch.cat([x_t, mask, masked_latents], dim=1)  # (B, 9, h, w)
     ids = batch["input_ids"]
-    with autocast():
+    with autocast():  # accelerate upcasts every output to fp32, so do the losses below
         eps_s, feats_s = student(sample, timesteps, ids, return_features=True)
         eps_t = feats_t = None
         if nets.teacher is not None:
             with torch.no_grad():
                 eps_t, feats_t = nets.teacher(sample, timesteps, ids, return_features=True)
+    p_feature, p_output = weighting_params(student, config.loss.feature_pairs[0][0])
     total, logs = distill_losses(
-        getattr(student, "module", student),
+        config.loss,
         eps_student=eps_s.float(),
-        feats_student=[f.float() for f in feats_s],
-        eps_teacher=None if eps_t is None else eps_t.float(),
-        feats_teacher=None if feats_t is None else [f.float() for f in feats_t],
         noise=noise,
+        student_features=[f.float() for f in feats_s],
+        eps_teacher=None if eps_t is None else eps_t.float(),
+        teacher_features=None if feats_t is None else [f.float() for f in feats_t],
+        feature_param=p_feature,
+        output_param=p_output,
         x_t=x_t,
-        timesteps=timesteps,
-        alphas_cumprod=noise_scheduler.alphas_cumprod.to(device),
-        config=config.loss,
+        alpha_bar_t=noise_scheduler.alphas_cumprod.to(device)[timesteps],
+        perceptual=nets.perceptual,
     )
     total.backward()
     params = [p for p in student.parameters() if p.requires_grad]
@@ -243,14 +269,7 @@ def train_step(batch, nets, student, optimizer, lr_scheduler, ema, config, noise
     lr = lr_scheduler.get_last_lr()[0]
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {**logs, "lr": lr, "grad_norm": grad_norm}
-
-
-def _scalar(value):
-    """Tensor / number -> float for JSON; None stays None (a term that is off)."""
-    if value is None:
-        return None
-    return float(value.detach()) if torch.is_tensor(value) else float(value)
+    return {**logs, "grad_norm": grad_norm.detach()}, lr
 
 
 # ----------------------------------------------------------------------------------- the run
@@ -322,6 +341,7 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False) -> 
 
 
 def _train(config, output_dir, resume, d, tqdm) -> Path:
+    config, perceptual = resolve_perceptual(config, d.device)
     config_json = json.dumps(config.to_dict(), indent=2) + "\n"
     start = ckpt.latest_checkpoint(output_dir) if resume else None
     if resume and start is None:
@@ -331,6 +351,7 @@ def _train(config, output_dir, resume, d, tqdm) -> Path:
         print(f"resolved config:\n{config_json}", end="", flush=True)
         save_config(config, output_dir / "config.json")
     nets = build_networks(config)
+    nets.perceptual = perceptual
     nets.student.to(d.device)
     if nets.teacher is not None:
         nets.teacher.to(d.device)
@@ -360,7 +381,7 @@ def _train(config, output_dir, resume, d, tqdm) -> Path:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(output_dir / "tensorboard"))
-        metrics_file = (output_dir / "metrics.jsonl").open("a" if start is not None else "w")
+        metrics_file = _open_metrics(output_dir / "metrics.jsonl", step)
 
     def save() -> None:
         states = _gather(d, {"rng": ckpt.rng_states(gen), "data": vars(position).copy()})
@@ -381,12 +402,12 @@ def _train(config, output_dir, resume, d, tqdm) -> Path:
             if batch is None:  # every sample of this batch was unreadable and skipped
                 continue
             batch.pop("index")
-            logs = train_step(batch, nets, student, optimizer, lr_scheduler, ema, config,
+            logs, lr = train_step(batch, nets, student, optimizer, lr_scheduler, ema, config,
                               noise_scheduler, gen, autocast)  # fmt: skip
             step += 1
             bar.update(1)
             if d.main and (step % config.run.log_every == 0 or step == config.run.max_steps):
-                record = {"step": step, **{k: _scalar(v) for k, v in logs.items()}}
+                record = {"step": step, "lr": lr, **logs_to_floats(logs)}
                 _log(record, metrics_file, writer, bar)
             stopping = _any(d, stop.requested)
             if step % config.run.save_every == 0 or stopping or step == config.run.max_steps:
@@ -415,6 +436,14 @@ def _ema_copy(student, ema):
     clone = copy.deepcopy(student)
     ema.copy_to(clone)
     return clone
+
+
+def _open_metrics(path: Path, step: int):
+    """metrics.jsonl for appending, without the lines of steps after `step` (the checkpoint's)."""
+    lines = path.read_text().splitlines(keepends=True) if step and path.is_file() else []
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    path.write_text("".join(kept))
+    return path.open("a")
 
 
 def _log(record: dict, metrics_file, writer, bar) -> None:
