@@ -45,19 +45,30 @@ def _cache_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_parsers(subparsers) -> None:
-    """Register `train` and `data` on the `moebius` command's subparsers."""
-    p = subparsers.add_parser("train", add_help=False, help="train a student (moebius train -h)")
-    p.add_argument("argv", nargs=argparse.REMAINDER)
-    p.set_defaults(func=run_train)
-    p = subparsers.add_parser("data", help="training data tools: manifest")
+def _data_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moebius data", description="Training data tools.")
     sub = p.add_subparsers(dest="data_command", required=True)
-    m = sub.add_parser("manifest", help="write a jsonl manifest of an image folder")
+    m = sub.add_parser("manifest", help="write a jsonl manifest of an image folder",
+                       description="Write a jsonl manifest (paths relative to it) of the images "
+                       "in IMAGE_DIR; *_mask.* files are masks, never images.")  # fmt: skip
     m.add_argument("image_dir")
     m.add_argument("-o", "--output", required=True, help="manifest file (.jsonl)")
     m.add_argument("--masks", help="folder with NAME_mask.* / NAME.* masks")
     m.add_argument("--prompt", choices=("background", "foreground"), default="background")
-    m.set_defaults(func=run_manifest)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """`train ...` or `data ...` (argv without the program name); returns the exit status."""
+    command, rest = argv[0], list(argv[1:])
+    try:
+        if command == "data":
+            return run_manifest(_data_parser().parse_args(rest))
+        if rest[:1] == [CACHE_COMMAND]:
+            return _run_cache(_cache_parser().parse_args(rest[1:]))
+        return run_train(_train_parser().parse_args(rest))
+    except SystemExit as done:  # -h (0) or a bad option (2): argparse has printed
+        return done.code
 
 
 def run_manifest(args) -> int:
@@ -69,11 +80,7 @@ def run_manifest(args) -> int:
     return 0
 
 
-def run_train(args) -> int:
-    argv = list(args.argv)
-    if argv[:1] == [CACHE_COMMAND]:
-        return _run_cache(_cache_parser().parse_args(argv[1:]))
-    a = _train_parser().parse_args(argv)
+def run_train(a) -> int:
     from moebius.train.config import load_config
     from moebius.train.loop import train
 
@@ -94,9 +101,8 @@ def _run_cache(a) -> int:
     config = load_config(a.config, a.set)
     vae = load_vae(a.vae, config.model.init_seed).to(torch.device(a.device))
     d = config.data
-    manifest = d.manifest if a.manifest is None else a.manifest
     out = cache_latents(
-        manifest, vae, a.out, variants=a.variants, seed=config.run.seed,
+        a.manifest, vae, a.out, variants=a.variants, seed=config.run.seed,
         resolution=d.resolution, mask_protocol=d.mask_protocol,
         generated_mask_p=d.generated_mask_p, dilation_p=d.dilation_p, flip_p=d.flip_p,
     )  # fmt: skip

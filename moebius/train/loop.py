@@ -419,6 +419,7 @@ def _train(config, output_dir, resume, d, tqdm) -> Path:
         writer.close()
         metrics_file.close()
     if stop.requested:
+        logger.warning("stopped at step %d (checkpoint saved); continue with --resume", step)
         return output_dir / ckpt.CHECKPOINTS
     final = output_dir / ckpt.FINAL
     if d.main:
