@@ -274,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, add_help=False, prefix_chars="\0")
         p.add_argument("argv", nargs=argparse.REMAINDER)
         p.set_defaults(func=lambda args, name=name: _train_cli(name, args.argv))
+
+    from moebius.export import cli as export_cli  # torch-free until it runs
+
+    export_cli.add_parser(sub)
     return parser
 
 
