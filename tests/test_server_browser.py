@@ -183,3 +183,21 @@ def test_undo_removes_stroke_from_sent_mask(page, server):
     fill = run_and_capture_mask(page, server)
     assert fill[:, : width // 2].sum() == left.sum() and fill[:, width // 2 :].sum() > 100
     assert fill.shape == (height, width)
+
+
+def test_load_mask_file_then_erase(page, server):
+    open_photo(page)
+    mask_file = shared_path("data", "photos", PHOTO.replace(".png", "_mask.png"))
+    page.set_input_files("#open-mask", str(mask_file))
+    page.wait_for_function("!document.getElementById('undo').disabled")
+    expected = np.asarray(Image.open(mask_file).convert("L")) >= 128
+    np.testing.assert_array_equal(run_and_capture_mask(page, server), expected)
+
+    page.keyboard.press("e")  # eraser: a wide stroke across the whole image removes a band
+    assert "active" in page.get_attribute("#eraser", "class")
+    paint(page, (0.01, 0.5), (0.99, 0.5))
+    fill = run_and_capture_mask(page, server)
+    height = fill.shape[0]
+    band = slice(int(0.5 * height) - 5, int(0.5 * height) + 5)
+    assert not fill[band].any() and expected[band].any(), np.nonzero(fill[band])
+    assert (fill <= expected).all()  # erasing never adds to the mask

@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_SEED = 0  # as `moebius inpaint --seed`: the same request gives the same image
-PROTECTED_PREFIXES = ("/v1/", "/api/")  # paths that need the API key when one is set
+PROTECTED_PREFIXES = ("/v1/", "/api/")
+INPAINT_PATHS = ("/v1/inpaint", "/api/v1/inpaint")  # paths that need the API key when one is set
 ERRORS = {  # status -> when, for the OpenAPI docs of the inpaint endpoints
     400: "bad or mismatched input (corrupt image, mask of another size, bad option)",
     401: "missing or wrong API key",
@@ -143,6 +144,25 @@ class ApiKey:
                 headers={"WWW-Authenticate": "Bearer"},
             )
             return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class Admission:
+    """503 for an inpaint request before its body is read when the queue is full or not ready.
+
+    Under a burst, refusals then cost no upload parsing; the endpoint checks again (a race).
+    """
+
+    def __init__(self, app, service: Service, paths: tuple[str, ...]):
+        self.app, self.service, self.paths = app, service, paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths:
+            try:
+                self.service.check_ready()
+            except ApiError as err:
+                response = _error(err.status, err.error, err.detail, err.headers)
+                return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
@@ -402,8 +422,10 @@ def create_app(load_pipeline: Callable, config: ServerConfig = ServerConfig()) -
         return FileResponse(STATIC_DIR / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(ApiKey, key=config.api_key)
+    # The last added runs first: API key, then admission, then the upload limit.
     app.add_middleware(UploadLimit, max_bytes=int(config.max_upload_mb * 2**20))
+    app.add_middleware(Admission, service=service, paths=INPAINT_PATHS)
+    app.add_middleware(ApiKey, key=config.api_key)
     return app
 
 

@@ -92,6 +92,11 @@ class InferenceWorker:
         with self._cond:
             return len(self._jobs) + len(self._running)
 
+    @property
+    def alive(self) -> bool:
+        """The inference thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
     def has_room(self) -> bool:
         with self._cond:
             return len(self._jobs) < self.queue_size

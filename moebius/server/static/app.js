@@ -1,12 +1,13 @@
 // moebius web page: paint a mask over a photo, send both to POST /v1/inpaint, show the result.
 // Plain JS, no build step, no network besides this server. The mask is a canvas at the image's
-// full resolution (white = fill, transparent = keep) rebuilt from a list of operations, so undo
-// and redo are exact; the canvases are only scaled for display.
+// full resolution (painted = fill, transparent = keep) rebuilt from a list of operations, so undo
+// and redo are exact; the canvases are only scaled for display. Its alpha is the mask.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const view = $("view"), maskCanvas = $("mask"), cursor = $("cursor");
 const viewCtx = view.getContext("2d"), maskCtx = maskCanvas.getContext("2d");
+const MASK_COLOUR = "#ff3355";  // display only: the mask sent is the canvas alpha, white on black
 
 const state = {
   file: null,        // Blob of the input exactly as sent (original bytes, never re-encoded)
@@ -109,7 +110,7 @@ async function loadMaskFile(blob) {
       + `${state.input.width}x${state.input.height}: sizes must match`, true);
     return;
   }
-  // White (>= 128 grey) = fill; stored as white-on-transparent like painted strokes.
+  // White (>= 128 grey) = fill; stored as opaque-on-transparent like painted strokes.
   const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
   const ctx = canvas.getContext("2d");
   ctx.drawImage(bitmap, 0, 0);
@@ -118,7 +119,7 @@ async function loadMaskFile(blob) {
   for (let i = 0; i < d.length; i += 4) {
     const grey = 0.299 * d[i] + 0.587 * d[i + 1] + 0.114 * d[i + 2];
     const fill = grey >= 127.5 && d[i + 3] >= 128;
-    d[i] = d[i + 1] = d[i + 2] = 255;
+    [d[i], d[i + 1], d[i + 2]] = [255, 51, 85];  // MASK_COLOUR
     d[i + 3] = fill ? 255 : 0;
   }
   ctx.putImageData(pixels, 0, 0);
@@ -168,7 +169,7 @@ function render() {
 function drawStroke(ctx, op, from = 0) {
   ctx.save();
   ctx.globalCompositeOperation = op.erase ? "destination-out" : "source-over";
-  ctx.strokeStyle = ctx.fillStyle = "#fff";
+  ctx.strokeStyle = ctx.fillStyle = MASK_COLOUR;
   ctx.lineWidth = op.size;
   ctx.lineCap = ctx.lineJoin = "round";
   const p = op.points;
@@ -283,9 +284,13 @@ function maskBlob() {
   // White (255) = fill on black, at the image's resolution, as the API expects.
   const out = new OffscreenCanvas(maskCanvas.width, maskCanvas.height);
   const ctx = out.getContext("2d");
+  ctx.drawImage(maskCanvas, 0, 0);
+  ctx.globalCompositeOperation = "source-in";  // white where painted, keeping the alpha
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, out.width, out.height);
+  ctx.globalCompositeOperation = "destination-over";  // black behind
   ctx.fillStyle = "#000";
   ctx.fillRect(0, 0, out.width, out.height);
-  ctx.drawImage(maskCanvas, 0, 0);
   return out.convertToBlob({ type: "image/png" });
 }
 
