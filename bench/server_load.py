@@ -31,8 +31,8 @@ from PIL import Image
 from report import emit, machine_state
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # server_helpers: tiny pipeline, mask geometry
-from server_helpers import feather_reach, free_port, near_mask, save_tiny_pipeline  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))  # tests' helpers: the tiny pipeline, feather geometry
+from server_helpers import far_from_mask, free_port, save_tiny_pipeline  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -123,7 +123,7 @@ def correct(body: bytes, image: np.ndarray, fill: np.ndarray, native: int) -> bo
     out = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
     if out.shape != image.shape:
         return False
-    outside = ~near_mask(fill, feather_reach((image.shape[1], image.shape[0]), native))
+    outside = far_from_mask(fill, native)
     changed = (out != image).any(axis=-1)
     return bool((out[outside] == image[outside]).all() and changed[fill].mean() > 0.9)
 

@@ -1,6 +1,6 @@
-"""Helpers of the server tests: a tiny random-weight pipeline and a server on a free loopback port.
+"""Helpers of the server tests: a saved tiny pipeline, test uploads, a server on a loopback port.
 
-Not a test file: test_server_*.py import it (and bench/server_load.py --tiny).
+Not a test file: test_server_*.py import it, and bench/server_load.py (--tiny, far_from_mask).
 """
 
 from __future__ import annotations
@@ -12,31 +12,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from diffusers import AutoencoderKL
+from conftest import far_from_mask, tiny_pipeline  # noqa: F401 (re-exported for the bench)
 from PIL import Image
-
-from moebius.models import MoebiusConfig, MoebiusUNet
-from moebius.pipeline import InpaintPipeline
-
-
-def tiny_pipeline(seed: int = 0) -> InpaintPipeline:
-    """Tiny student (16x16 latent) + a ~67k-parameter VAE: native size 128 px, random weights."""
-    with torch.random.fork_rng():  # diffusers initialises from the global RNG; keep it local
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            block_out_channels=(8, 8, 16, 16),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=128,
-            scaling_factor=0.13025,
-        )
-        pipe = InpaintPipeline(MoebiusUNet(MoebiusConfig.tiny()), vae)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def save_tiny_pipeline(directory: Path, seed: int = 0) -> Path:
@@ -56,22 +33,6 @@ def stroke_mask(size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.
     x0, y0, x1, y1 = box
     mask[y0:y1, x0:x1] = 255
     return Image.fromarray(mask)
-
-
-def near_mask(fill: np.ndarray, reach: int) -> np.ndarray:
-    """bool [H, W]: within Chebyshev distance `reach` of a fill pixel (a square dilation)."""
-    t = torch.from_numpy(fill.astype(np.float32))[None, None]
-    grown = torch.nn.functional.max_pool2d(t, 2 * reach + 1, stride=1, padding=reach)
-    return grown[0, 0].numpy() > 0
-
-
-def feather_reach(image_size: tuple[int, int], native: int) -> int:
-    """Widest feather any strategy can leave around the mask (README: 'Any image size').
-
-    The paste-back blur has radius 3 px at the native size, scaled by window side / native; a
-    window is at most the image's longest side, and PIL's blur reaches 3 * radius + 2 px.
-    """
-    return int(np.ceil(3 * 3 * max(image_size) / native)) + 2
 
 
 def free_port() -> int:

@@ -17,16 +17,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from conftest import far_from_mask, tiny_pipeline
 from fastapi.testclient import TestClient
 from PIL import Image
-from server_helpers import (
-    ServerThread,
-    feather_reach,
-    near_mask,
-    png_bytes,
-    stroke_mask,
-    tiny_pipeline,
-)
+from server_helpers import ServerThread, png_bytes, stroke_mask
 
 from moebius import cli
 from moebius.server.app import ServerConfig, create_app
@@ -87,7 +81,7 @@ def check_inpainted(before: Image.Image, response: httpx.Response, native: int =
     assert after.size == before.size and after.mode == before.mode
     a, b = np.asarray(after), np.asarray(before)
     fill = np.asarray(stroke_mask(before.size, BOX)) > 0
-    outside = ~near_mask(fill, feather_reach(before.size, native))
+    outside = far_from_mask(fill, native)
     np.testing.assert_array_equal(a[outside], b[outside])
     changed = a != b if a.ndim == 2 else (a[..., :3] != b[..., :3]).any(axis=-1)
     assert changed[fill].mean() > 0.9
