@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moebius.server import cli as server_cli  # `serve`: imports nothing heavy here
 
     server_cli.add_parser(sub)
+    from moebius.export import cli as export_cli  # torch-free until it runs
+
+    export_cli.add_parser(sub)
     return parser
 
 
