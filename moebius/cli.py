@@ -275,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("argv", nargs=argparse.REMAINDER)
         p.set_defaults(func=lambda args, name=name: _train_cli(name, args.argv))
 
+    from moebius.server import cli as server_cli  # `serve`: imports nothing heavy here
+
+    server_cli.add_parser(sub)
+
     from moebius.export import cli as export_cli  # torch-free until it runs
 
     export_cli.add_parser(sub)
