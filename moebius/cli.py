@@ -267,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="original config JSON (default: the released architecture)")
     p.add_argument("--vae", help="VAE folder to include, e.g. the released vae/")
     p.set_defaults(func=cmd_convert)
+
+    from moebius.export import cli as export_cli  # torch-free until it runs
+
+    export_cli.add_parser(sub)
     return parser
 
 
