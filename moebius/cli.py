@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", help="VAE folder to include, e.g. the released vae/")
     p.set_defaults(func=cmd_convert)
 
+    from moebius.server import cli as server_cli  # `serve`: imports nothing heavy here
+
+    server_cli.add_parser(sub)
     from moebius.export import cli as export_cli  # torch-free until it runs
 
     export_cli.add_parser(sub)
