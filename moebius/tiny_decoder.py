@@ -23,6 +23,19 @@ TAESDXL_REPO = "madebyollin/taesdxl"
 TAESDXL_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 
 
+def fast_dtype(device: str | torch.device) -> torch.dtype:
+    """bfloat16 on CUDA and on CPUs with native bf16 (AVX-512 BF16 or AMX), else float32.
+
+    Measured (bench/tiny_decoder.py, 512 px, AMX CPU): bf16 decodes ~2.4x faster than fp32;
+    on AVX2-only CPUs bf16 is emulated and slower, so those keep fp32.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if device.type == "cpu" and native else torch.float32
+
+
 def load_tiny_decoder(
     source: str | os.PathLike = TAESDXL_REPO,
     *,
@@ -31,7 +44,11 @@ def load_tiny_decoder(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ):
-    """`AutoencoderTiny` from a folder or a hub repo in the TAESDXL layout; eval mode."""
+    """`AutoencoderTiny` from a folder or a hub repo in the TAESDXL layout; eval mode.
+
+    `dtype` None picks `fast_dtype(device)`: a preview decoder trades the last bit of precision
+    for speed where the hardware computes bfloat16 natively.
+    """
     from diffusers import AutoencoderTiny
 
     path = Path(source)
@@ -59,6 +76,7 @@ def load_tiny_decoder(
             f"{source} decodes {config.get('latent_channels')}-channel latents; the SDXL latent "
             f"space has 4 (use {TAESDXL_REPO})"
         )
+    dtype = dtype or fast_dtype(device)
     tiny = AutoencoderTiny.from_pretrained(path, low_cpu_mem_usage=False, torch_dtype=dtype)
     # 64-channel convs at up to full resolution: channels-last runs them ~1.6x faster on CPU.
     return tiny.to(device=device, memory_format=torch.channels_last).eval()
