@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moebius import __version__, hub, options
+from moebius.export import cli as export_cli  # torch-free: the export and inpaint options
 
 logger = logging.getLogger("moebius")
 
@@ -136,6 +137,7 @@ def _inpaint_one(pipe, job: Job, args) -> None:
 
 
 def cmd_inpaint(args) -> int:
+    export_cli.check_inpaint_options(args)
     jobs = plan_jobs(Path(args.image), Path(args.mask), Path(args.output))
     todo = [j for j in jobs if j.error or args.overwrite or not j.out.exists()]
     if len(todo) < len(jobs):
@@ -144,9 +146,14 @@ def cmd_inpaint(args) -> int:
     failures = [j for j in todo if j.error]
     runnable = [j for j in todo if not j.error]
     if runnable:
-        files = hub.resolve(args.weights, args.variant, model=args.model or options.DEFAULT_MODEL,
-                            cache_dir=args.cache_dir)  # fmt: skip
-        pipe = _pipeline(args, files)
+        if export_cli.uses_onnxruntime(args):  # --weights is a `moebius export onnx` folder
+            pipe = export_cli.load_onnxruntime_pipeline(args, args.device)
+        else:
+            files = hub.resolve(args.weights, args.variant,
+                                model=args.model or options.DEFAULT_MODEL,
+                                cache_dir=args.cache_dir)  # fmt: skip
+            pipe = _pipeline(args, files)
+        export_cli.apply_decoder(pipe, args)  # --decoder tiny
         from tqdm.auto import tqdm
 
         folder = len(jobs) > 1 or Path(args.image).is_dir()
@@ -252,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="native-size windows per model batch")
     p.add_argument("--overwrite", action="store_true", help="redo outputs that exist")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    export_cli.add_inpaint_options(p)  # --backend, --decoder, --tiny-decoder
     p.set_defaults(func=cmd_inpaint)
 
     p = sub.add_parser("download", help="fetch released weights into the Hugging Face cache")
@@ -278,8 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
     from moebius.server import cli as server_cli  # `serve`: imports nothing heavy here
 
     server_cli.add_parser(sub)
-
-    from moebius.export import cli as export_cli  # torch-free until it runs
 
     export_cli.add_parser(sub)
     return parser

@@ -128,3 +128,23 @@ def test_default_dtype_is_bf16_only_where_native(taesdxl_dir, monkeypatch):
         fast, ref = tiny_decoder.decode(auto, latents), tiny_decoder.decode(exact, latents)
     assert fast.dtype == torch.float32 and auto.dtype == torch.bfloat16
     assert float((fast - ref).abs().mean()) < 0.02 * float(ref.abs().mean())  # bf16 rounding
+
+
+def test_inpaint_cli_decoder_tiny(taesdxl_dir, tmp_path):
+    from PIL import Image
+
+    from moebius import cli
+
+    weights = tiny_pipeline().save_pretrained(tmp_path / "weights")
+    image, mask = noise_pair()
+    image.save(tmp_path / "im.png")
+    mask.save(tmp_path / "mask.png")
+    common = ["inpaint", str(tmp_path / "im.png"), str(tmp_path / "mask.png"), "--weights",
+              str(weights), "--steps", "3", "--no-paste", "-q"]  # fmt: skip
+    assert cli.main([*common, "-o", str(tmp_path / "full.png")]) == 0
+    assert cli.main([*common, "-o", str(tmp_path / "tiny.png"), "--decoder", "tiny",
+                     "--tiny-decoder", str(taesdxl_dir)]) == 0  # fmt: skip
+    full = np.asarray(Image.open(tmp_path / "full.png"), dtype=np.int16)
+    tiny = np.asarray(Image.open(tmp_path / "tiny.png"), dtype=np.int16)
+    assert full.shape == tiny.shape == (128, 128, 3)
+    assert np.abs(full - tiny).mean() > 5  # the other decoder made the pixels
