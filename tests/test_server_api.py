@@ -430,9 +430,14 @@ def test_graceful_shutdown_finishes_in_flight(pipe):
 
 
 # --------------------------------------------------------------------------- command line
-def test_serve_refuses_open_bind_without_key(capsys):
+def test_serve_refuses_open_bind_without_key(capsys, monkeypatch):
+    monkeypatch.delenv("MOEBIUS_API_KEY", raising=False)
     assert cli.main(["serve", "--host", "0.0.0.0", "--weights", "/nowhere"]) == 2
     assert "--api-key" in capsys.readouterr().err
+    monkeypatch.setenv("MOEBIUS_API_KEY", "s3cret")  # with a key it gets as far as the weights
+    assert cli.main(["serve", "--host", "0.0.0.0", "--weights", "/nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "/nowhere" in err and "--api-key" not in err
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
     assert not is_loopback("example.com")
