@@ -53,26 +53,33 @@ def load_vae(
         )
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
         load_state_dict_file(weights)  # names what is wrong with the file itself, if anything
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(
-            f"cannot build the VAE from {directory} ({first}); check that {CONFIG_NAME} and "
-            f"{weights.name} belong together (a diffusers AutoencoderKL folder)"
-        ) from err
+        raise _misfit(weights, directory, _reason(err)) from err
     if info.get("unexpected_keys"):  # harmless (ignored), but say so
         logger.warning("%s: %d tensors the VAE does not use, e.g. %s", weights,
                        len(info["unexpected_keys"]), info["unexpected_keys"][:2])  # fmt: skip
     missing = info.get("missing_keys", []) + info.get("mismatched_keys", [])
-    if missing or info.get("error_msgs"):  # diffusers would leave these at random init
-        what = f"{len(missing)} tensors missing or of another shape (e.g. {missing[:2]})"
-        raise CheckpointError(
-            f"{weights} does not fit {directory / CONFIG_NAME}: "
-            f"{what if missing else info['error_msgs'][0]}. Use the VAE folder these weights "
-            "came in (config.json and weights together)"
-        )
+    if missing:  # diffusers would leave these at their random init
+        raise _misfit(weights, directory, f"{len(missing)} tensors missing, e.g. {missing[:2]}")
+    if info.get("error_msgs"):
+        raise _misfit(weights, directory, _reason(info["error_msgs"][0]))
     vae.to(device=device)
     if dtype is not None:
         vae.to(dtype=dtype)
     return vae.eval()
+
+
+def _reason(err: object) -> str:
+    """The informative line of a (multi-line) loader error: the first one naming a tensor."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if "size mismatch" in line or "key" in line.lower()]
+    return (named or lines or [type(err).__name__])[0][:300]
+
+
+def _misfit(weights: Path, directory: Path, reason: str) -> CheckpointError:
+    return CheckpointError(
+        f"{weights} does not fit {directory / CONFIG_NAME} ({reason}); use the VAE folder "
+        "these weights came in, with its own config.json (a diffusers AutoencoderKL folder)"
+    )
 
 
 def latent_factor(vae) -> int:
