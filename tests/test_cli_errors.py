@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_pipeline, tiny_vae_model
 from PIL import Image
-from test_pipeline import tiny_pipeline, tiny_vae
 
 from moebius.cli import main
 from moebius.models import checkpoints
@@ -234,7 +234,7 @@ def _pickled_vae(folder: Path) -> None:
 
 def _other_vae(folder: Path) -> None:
     """vae/ weights of another architecture beside the original config.json."""
-    other = tiny_vae(levels=3)
+    other = tiny_vae_model(levels=3)
     other.save_pretrained(folder / "other", safe_serialization=True)
     shutil.copy(folder / "other" / "diffusion_pytorch_model.safetensors", folder / "vae")
 
