@@ -69,20 +69,17 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     (see `gray_to_8bit`).
     """
     path = Path(path)
-    image = None
     try:
-        with _PIL_LIMIT_LOCK, _pil_limit(None):
-            image = Image.open(path)
+        # Leaving the `with Image.open` block closes the file and keeps the pixels.
+        with _PIL_LIMIT_LOCK, _pil_limit(None), Image.open(path) as image:
             _check_pixels(path, image.size, max_pixels)
             if image.mode in ("RGB", "RGBA") and _rawmode(image).endswith(";16B"):
                 logger.warning("%s: 16-bit %s is read as 8 bits per channel (the model works in "
                                "8 bits); the result is 8-bit", path.name, image.mode)  # fmt: skip
             image.load()  # decode now: truncated files fail here, not later in the pipeline
-        ImageOps.exif_transpose(image, in_place=True)  # no copy of a large image when upright
+        ImageOps.exif_transpose(image, in_place=True)  # no copy of a 12000 x 12000 photo
         return image
     except BaseException as err:
-        if image is not None:
-            image.close()
         if isinstance(err, FileNotFoundError):
             raise ImageError(f"image file {str(path)!r} does not exist; check the path") from err
         if isinstance(err, IsADirectoryError):
