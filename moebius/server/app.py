@@ -347,6 +347,7 @@ def create_app(load_pipeline: Callable, config: ServerConfig = ServerConfig()) -
         lifespan=lifespan,
     )
     app.state.service = service
+    app.openapi = lambda: _openapi(app)
     _install_error_handlers(app)
 
     @app.post(
@@ -461,6 +462,34 @@ def _info(service: Service) -> Info:
         defaults=defaults,
         limits=limits,
     )
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema without its 422 answers: invalid requests get 400 here (ErrorBody)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(
+            title=app.title, version=app.version, routes=app.routes, description=app.description
+        )
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                if operation.get("responses", {}).pop("422", None) is not None:
+                    operation["responses"].setdefault(
+                        "400",
+                        ERROR_RESPONSES[400]
+                        | {
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/ErrorBody"}
+                                }
+                            }
+                        },
+                    )
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _install_error_handlers(app: FastAPI) -> None:
