@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from moebius.errors import MissingFileError, UsageError
+
 logger = logging.getLogger(__name__)
 
 TAESDXL_REPO = "madebyollin/taesdxl"
@@ -55,24 +57,31 @@ def load_tiny_decoder(
     if path.exists() or str(source).startswith((".", "/")):
         missing = [f for f in TAESDXL_FILES if not (path / f).is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path} is not a tiny-decoder folder: missing {missing}. It holds the files of "
                 f"the hub repo {TAESDXL_REPO} (config.json + diffusion_pytorch_model.safetensors)"
             )
     else:
         from huggingface_hub import snapshot_download
 
-        path = Path(
-            snapshot_download(
-                str(source),
-                allow_patterns=list(TAESDXL_FILES),
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
+        try:
+            path = Path(
+                snapshot_download(
+                    str(source),
+                    allow_patterns=list(TAESDXL_FILES),
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                )
             )
-        )
+        except OSError as err:  # offline and not cached, or no such repo
+            raise MissingFileError(
+                f"cannot get the tiny decoder {source} ({type(err).__name__}): it is not in the "
+                f"Hugging Face cache and the hub did not answer. Put {' + '.join(TAESDXL_FILES)} "
+                f"of the hub repo {TAESDXL_REPO} in a folder and pass that folder instead"
+            ) from err
     config = AutoencoderTiny.load_config(path)
     if config.get("latent_channels") != 4:
-        raise ValueError(
+        raise UsageError(
             f"{source} decodes {config.get('latent_channels')}-channel latents; the SDXL latent "
             f"space has 4 (use {TAESDXL_REPO})"
         )
