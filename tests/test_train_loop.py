@@ -179,12 +179,16 @@ def test_latent_cache_trains_without_the_encoder(manifest, tmp_path, monkeypatch
 
 
 def test_torchrun_two_processes_gloo(manifest, tmp_path):
-    """2 ranks (DDP, gloo): a few steps, rank 0 alone writes; final/ inpaints in one process."""
+    """2 ranks (DDP, gloo): a few steps, rank 0 alone writes; final/ inpaints in one process.
+
+    The recipe's gradient-norm weights are on: their extra autograd.grad calls run under DDP.
+    """
     run = tmp_path / "run"
     cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "moebius", "train",
            str(TINY), "--output-dir", str(run), "--max-steps", "3", "--set",
            f"data.manifest={manifest}", "--set", "run.progress=false", "--set",
-           "data.num_workers=0", "--set", "run.batch_size=2"]  # fmt: skip
+           "data.num_workers=0", "--set", "run.batch_size=2", "--set", "loss.task=true",
+           "--set", "loss.adaptive=true"]  # fmt: skip
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert [r["step"] for r in metrics(run)] == [1, 2, 3]  # one writer, not two

@@ -225,8 +225,11 @@ def posterior_latents(batch: dict, vae, generator: torch.Generator) -> tuple[tor
 
 # ----------------------------------------------------------------------------------- one step
 def train_step(batch, nets, student, optimizer, lr_scheduler, ema, config, noise_scheduler, gen,
-               autocast) -> dict:  # fmt: skip
-    """One optimisation step (spec 3.1): noise, both networks, losses, backward, clip, update."""
+               autocast) -> tuple[dict, float]:  # fmt: skip
+    """One optimisation step (spec 3.1): noise, both networks, losses, backward, clip, update.
+
+    Returns the logs (detached tensors, None for terms that are off) and the step's learning rate.
+    """
     device = gen.device
     batch = {k: v.to(device) for k, v in batch.items()}
     latents, masked_latents = posterior_latents(batch, nets.vae, gen)  # (B, 4, h, w) each
@@ -304,13 +307,14 @@ def _autocast_factory(precision: str, device: torch.device):
     return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
 
 
-def _data(config: TrainConfig, d, position: DataPosition):
+def _data(config: TrainConfig, d, position: DataPosition, vae):
     """DataLoader over the manifest (or latent cache) from `position`, this rank's share."""
     from moebius.train import cache
 
     c = config.data
     if c.latent_cache:
         dataset = cache.LatentDataset(c.latent_cache, seed=config.run.seed)
+        dataset.check_vae(vae)
     else:
         if not c.manifest:
             raise ValueError("set data.manifest (a jsonl from `moebius data manifest`)")
@@ -367,13 +371,18 @@ def _train(config, output_dir, resume, d, tqdm) -> Path:
     step, position = 0, DataPosition()
     if start is not None:
         state = ckpt.load_checkpoint(start, nets.student, ema)
+        if len(state["rng"]) != d.world:
+            raise ValueError(
+                f"{start} was written by {len(state['rng'])} process(es), this run has {d.world}: "
+                "resume with the same number of processes (each has its own data and noise stream)"
+            )
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         ckpt.set_rng_states(state["rng"][d.rank], gen)
         step, position = state["step"], DataPosition(**state["data"][d.rank])
         logger.info("resumed from %s (step %d)", start, step)
     student = distributed.wrap(nets.student, d)
-    loader, per_epoch = _data(config, d, position)
+    loader, per_epoch = _data(config, d, position, nets.vae)
     noise_scheduler = make_noise_scheduler()
     autocast = _autocast_factory(config.run.precision, d.device)
     writer = metrics_file = None
