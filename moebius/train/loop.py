@@ -175,19 +175,31 @@ def build_networks(config: TrainConfig) -> Networks:
     return Networks(student.train(), teacher, load_vae(m.vae, m.init_seed))
 
 
-@contextlib.contextmanager
-def _frozen_batchnorm_stats(module: torch.nn.Module):
-    """BatchNorm momentum 0 while a checkpointed block recomputes: running stats update once."""
-    bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [(bn.momentum, bn.num_batches_tracked.clone()) for bn in bns]
-    for bn in bns:
-        bn.momentum = 0.0  # running = (1 - 0) * running + 0 * batch statistics
-    try:
-        yield
-    finally:
-        for bn, (momentum, tracked) in zip(bns, saved, strict=True):
+class _FrozenBatchNormStats:
+    """BatchNorm momentum 0 while a checkpointed block recomputes: running stats update once.
+
+    Reusable: with the gradient-norm weights a block may recompute once per autograd.grad call.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.bns = [
+            m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        ]
+        self.saved = []
+
+    def __enter__(self):
+        self.saved = [(bn.momentum, bn.num_batches_tracked.clone()) for bn in self.bns]
+        for bn in self.bns:
+            bn.momentum = 0.0  # running = (1 - 0) * running + 0 * batch statistics
+
+    def __exit__(self, *exc):
+        for bn, (momentum, tracked) in zip(self.bns, self.saved, strict=True):
             bn.momentum = momentum
             bn.num_batches_tracked.copy_(tracked)
+
+
+def _checkpoint_contexts(frozen: _FrozenBatchNormStats):
+    return contextlib.nullcontext(), frozen  # (forward, recompute)
 
 
 def enable_gradient_checkpointing(student: torch.nn.Module) -> None:
@@ -195,13 +207,9 @@ def enable_gradient_checkpointing(student: torch.nn.Module) -> None:
     unet = student.diff_model
     for stage in (*unet.down_blocks, *unet.up_blocks):
         for block in (*stage.resnets, *stage.attentions):
-            forward = block.forward
-
-            def contexts(block=block):
-                return contextlib.nullcontext(), _frozen_batchnorm_stats(block)
-
+            contexts = functools.partial(_checkpoint_contexts, _FrozenBatchNormStats(block))
             block.forward = functools.partial(
-                checkpoint, forward, use_reentrant=False, context_fn=contexts
+                checkpoint, block.forward, use_reentrant=False, context_fn=contexts
             )
 
 
