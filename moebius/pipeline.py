@@ -22,7 +22,7 @@ from diffusers import DDIMScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
-from moebius import composite, hub, images, masks, options, strategies
+from moebius import composite, hub, images, masks, options, strategies, tiny_decoder
 from moebius import vae as vae_lib
 from moebius.options import DEFAULT_MODEL, TASKS  # noqa: F401 (TASKS: public name)
 from moebius.pretrained import load_components, save_components
@@ -45,10 +45,14 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 class InpaintPipeline:
     """Moebius inpainting: `pipe(image, mask) -> image`; `unet`, `vae`, `scheduler` are public."""
 
-    def __init__(self, unet: torch.nn.Module, vae, scheduler: DDIMScheduler | None = None):
+    def __init__(
+        self, unet: torch.nn.Module, vae, scheduler: DDIMScheduler | None = None, decoder=None
+    ):
         self.unet = unet.eval()
         self.vae = vae.eval()
         self.scheduler = scheduler or make_scheduler()
+        # Optional fast decoder used instead of the VAE's (moebius.tiny_decoder: TAESDXL).
+        self.decoder = decoder.eval() if decoder is not None else None
         self.progress_bar_config: dict = {}
 
     # ----------------------------------------------------------------------------- loading, devices
@@ -86,7 +90,7 @@ class InpaintPipeline:
 
     def to(self, device: str | torch.device | None = None, dtype=None) -> InpaintPipeline:
         """Move the networks to `device` / cast them to `dtype` (DDIM math stays float32)."""
-        for module in (self.unet, self.vae):
+        for module in (self.unet, self.vae, *([self.decoder] if self.decoder else [])):
             module.to(device=device)
             if dtype is not None and dtype != next(module.parameters()).dtype:
                 module.to(dtype=dtype)
@@ -251,4 +255,6 @@ class InpaintPipeline:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> image [B,3,H,W] float32 in about [-1,1] (not clamped)."""
+        if self.decoder is not None:
+            return tiny_decoder.decode(self.decoder, latents)
         return vae_lib.decode(self.vae, latents)
