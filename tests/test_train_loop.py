@@ -227,3 +227,22 @@ def test_torchrun_two_processes_gloo(manifest, tmp_path):
     state = torch.load(run / "checkpoints/step-00000003" / ckpt.STATE_FILE, weights_only=True)
     assert len(state["rng"]) == 2 and len(state["data"]) == 2  # every rank's stream
     _check_final(run / "final", run / "checkpoints/step-00000003")
+
+
+def test_cli_errors_are_one_line_with_exit_status_2(tmp_path, capsys):
+    from moebius.cli import main
+
+    out = str(tmp_path / "run")
+    assert main(["train", str(TINY), "--output-dir", out, "--set", "run.batchsize=3"]) == 2
+    assert "unknown config key(s) ['run.batchsize']" in capsys.readouterr().err
+    assert main(["train", str(TINY), "--output-dir", out]) == 2
+    assert "no training data: set data.manifest" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "missing.jpg"}\n')
+    # the image is read in a DataLoader worker: the error still names the file, in one line
+    argv = ["train", str(TINY), "--output-dir", out, "--set", f"data.manifest={bad}",
+            "--set", "run.progress=false", "--set", "data.num_workers=1"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot read image file") and "missing.jpg" in err[-1]
+    assert not any("Traceback" in line for line in err)

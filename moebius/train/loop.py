@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moebius import masks
 from moebius import vae as vae_lib
+from moebius.errors import MissingFileError, UsageError
 from moebius.models import checkpoints as model_io
 from moebius.recipe import make_scheduler
 from moebius.train import (
@@ -37,7 +38,14 @@ from moebius.train import (
 )
 from moebius.train import checkpoint as ckpt
 from moebius.train.config import TrainConfig, save_config
-from moebius.train.data import DataPosition, EpochSampler, InpaintDataset, collate, read_manifest
+from moebius.train.data import (
+    DataError,
+    DataPosition,
+    EpochSampler,
+    InpaintDataset,
+    collate,
+    read_manifest,
+)
 from moebius.train.losses import offset_noise
 
 logger = logging.getLogger(__name__)
@@ -106,7 +114,7 @@ def _architecture(kind: str, model_type: str):
     if kind == "tiny":
         return type(config).tiny()
     if kind != "released":
-        raise ValueError(f'a network architecture is "released" or "tiny", got {kind!r}')
+        raise UsageError(f'a network architecture is "released" or "tiny", got {kind!r}')
     return config
 
 
@@ -117,7 +125,7 @@ def _load_weights(model: torch.nn.Module, path: str) -> torch.nn.Module:
         folder = p / "unet" if (p / "unet").is_dir() else p
         name = next((n for n in model_io.UNET_WEIGHTS_NAMES if (folder / n).is_file()), None)
         if name is None:
-            raise FileNotFoundError(f"no weights ({model_io.UNET_WEIGHTS_NAMES}) in {folder}")
+            raise MissingFileError(f"no weights ({model_io.UNET_WEIGHTS_NAMES}) in {folder}")
         p = folder / name
     return model_io.load_into(model, p)
 
@@ -165,7 +173,7 @@ def build_networks(config: TrainConfig) -> Networks:
         if m.teacher_weights:
             _load_weights(teacher, m.teacher_weights)
         elif m.teacher != "tiny":
-            raise ValueError(
+            raise UsageError(
                 "model.teacher_weights is required for a released teacher (a random 0.86B "
                 'teacher teaches nothing); model.teacher="tiny" builds a seeded random one'
             )
@@ -324,8 +332,6 @@ def _data(config: TrainConfig, d, position: DataPosition, vae):
         dataset = cache.LatentDataset(c.latent_cache, seed=config.run.seed)
         dataset.check_vae(vae)
     else:
-        if not c.manifest:
-            raise ValueError("set data.manifest (a jsonl from `moebius data manifest`)")
         dataset = InpaintDataset(
             read_manifest(c.manifest), c.resolution, c.mask_protocol, c.generated_mask_p,
             c.dilation_p, c.flip_p, seed=config.run.seed, skip_unreadable=c.skip_unreadable,
@@ -353,6 +359,11 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False) -> 
 
 
 def _train(config, output_dir, resume, d, tqdm) -> Path:
+    if not (config.data.manifest or config.data.latent_cache):
+        raise UsageError(
+            "no training data: set data.manifest (a jsonl from `moebius data manifest`) or "
+            "data.latent_cache (a folder from `moebius train cache-latents`)"
+        )
     config, perceptual = resolve_perceptual(config, d.device)
     config_json = json.dumps(config.to_dict(), indent=2) + "\n"
     start = ckpt.latest_checkpoint(output_dir) if resume else None
@@ -380,7 +391,7 @@ def _train(config, output_dir, resume, d, tqdm) -> Path:
     if start is not None:
         state = ckpt.load_checkpoint(start, nets.student, ema)
         if len(state["rng"]) != d.world:
-            raise ValueError(
+            raise UsageError(
                 f"{start} was written by {len(state['rng'])} process(es), this run has {d.world}: "
                 "resume with the same number of processes (each has its own data and noise stream)"
             )
@@ -414,7 +425,7 @@ def _train(config, output_dir, resume, d, tqdm) -> Path:
     batches = iter(loader)
     with _StopRequest() as stop:
         while step < config.run.max_steps:
-            batch = next(batches)
+            batch = _next_batch(batches)
             position.advance(config.run.batch_size, per_epoch)
             if batch is None:  # every sample of this batch was unreadable and skipped
                 continue
@@ -454,6 +465,17 @@ def _ema_copy(student, ema):
     clone = copy.deepcopy(student)
     ema.copy_to(clone)
     return clone
+
+
+def _next_batch(batches):
+    """The next batch; a DataError from a loader worker keeps its message, not the traceback."""
+    try:
+        return next(batches)
+    except DataError as err:
+        lines = str(err).strip().splitlines()
+        if len(lines) > 1 and "Original Traceback" in str(err):  # re-raised by the DataLoader
+            raise DataError(lines[-1].split(": ", 1)[-1]) from None
+        raise
 
 
 def _open_metrics(path: Path, step: int):
