@@ -279,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="original config JSON (default: the released architecture)")
     p.add_argument("--vae", help="VAE folder to include, e.g. the released vae/")
     p.set_defaults(func=cmd_convert)
+
+    from moebius.eval.cli import add_parser as add_eval_parser  # torch-free until it runs
+
+    add_eval_parser(sub)
     return parser
 
 
