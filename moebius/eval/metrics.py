@@ -16,7 +16,8 @@ def psnr(gt: np.ndarray, pred: np.ndarray) -> float:
     """PSNR in dB of two uint8 images, data range 255 (inf when identical)."""
     from skimage.metrics import peak_signal_noise_ratio
 
-    return float(peak_signal_noise_ratio(gt, pred, data_range=255))
+    with np.errstate(divide="ignore"):  # identical images: inf, by definition
+        return float(peak_signal_noise_ratio(gt, pred, data_range=255))
 
 
 def ssim(gt: np.ndarray, pred: np.ndarray) -> float:
@@ -31,7 +32,7 @@ def ssim(gt: np.ndarray, pred: np.ndarray) -> float:
 
 def to_tensor(image: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
     """uint8 (H, W, 3) -> uint8 (1, 3, H, W)."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device)
+    return torch.tensor(image).permute(2, 0, 1)[None].to(device)  # a copy: inputs may be read-only
 
 
 @torch.inference_mode()

@@ -118,10 +118,15 @@ class LPIPS(nn.Module):
 
 
 def lpips_heads_file() -> Path:
-    """The LPIPS v0.1 VGG heads shipped inside the torchmetrics wheel (7 KB)."""
-    from importlib.resources import files
+    """The LPIPS v0.1 VGG heads shipped inside the torchmetrics wheel (7 KB), found unimported."""
+    from importlib.util import find_spec
 
-    return Path(str(files("torchmetrics.functional.image") / "lpips_models" / "vgg.pth"))
+    spec = find_spec("torchmetrics")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("LPIPS needs the heads shipped with torchmetrics: pip install "
+                                "'moebius-inpaint[eval]' (or torchmetrics)")  # fmt: skip
+    root = Path(list(spec.submodule_search_locations)[0])
+    return root / "functional" / "image" / "lpips_models" / "vgg.pth"
 
 
 def load_lpips(vgg_weights: str | os.PathLike, heads: str | os.PathLike | None = None) -> LPIPS:
