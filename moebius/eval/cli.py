@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moebius.mask_generators import PROTOCOLS
+from moebius.options import DTYPES, EVAL_METHODS, MASK_PROTOCOLS
 
-METHODS = ("moebius", "pixelhacker", "telea", "navier-stokes", "mean")  # = predict.METHODS
 # CLI option -> pipeline keyword; unset options keep the pipeline's (the original recipe's) values
 RECIPE_OPTIONS = {
     "steps": "steps", "strength": "strength", "guidance": "guidance_scale",
@@ -34,12 +33,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = sub.add_parser("masks", help="write a protocol's mask set for a folder of images")
     p.add_argument("--images", required=True, help="folder of images (NAME_mask.* are ignored)")
-    p.add_argument("--protocol", required=True, choices=tuple(PROTOCOLS))
+    p.add_argument("--protocol", required=True, choices=MASK_PROTOCOLS)
     p.add_argument("--out", required=True, help="folder for NAME_mask.png + masks.json")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("predict", help="fill every image with one method -> OUT/NAME.png")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, choices=EVAL_METHODS)
     p.add_argument("--images", required=True)
     p.add_argument("--masks", required=True, help="folder with NAME_mask.png (255 = fill)")
     p.add_argument("--out", required=True)
@@ -50,7 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--variant", help="released variant (default ft_places2)")
     g.add_argument("--cache-dir", help="Hugging Face cache folder")
     g.add_argument("--device", default="auto", help="auto: cuda:LOCAL_RANK if available, else cpu")
-    g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    g.add_argument("--dtype", default="float32", choices=DTYPES)
     g.add_argument("--seed", type=int, default=0, help="noise seed; per image mixed with its name")
     g.add_argument("--steps", type=int)
     g.add_argument("--strength", type=float)

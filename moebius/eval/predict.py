@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from moebius import options
 from moebius.eval.data import ProcessGroup, Shard, image_torch_seed, list_images, mask_path
 
 logger = logging.getLogger(__name__)
 
-DIFFUSION_METHODS = ("moebius", "pixelhacker")
-CLASSICAL_METHODS = ("telea", "navier-stokes", "mean")
-METHODS = DIFFUSION_METHODS + CLASSICAL_METHODS
+DIFFUSION_METHODS = options.MODELS
+CLASSICAL_METHODS = options.BASELINES
+METHODS = options.EVAL_METHODS
 INPAINT_RADIUS = 3  # OpenCV inpaint neighbourhood radius in pixels (the value of its examples)
 EMPTY_FILL = 128  # mean-colour fill of an image without a single known pixel: mid grey
 

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 BIN_WIDTH = 10  # percent of the image area per hole-size bin
 METRIC_ORDER = ("psnr", "ssim", "lpips", "fid")
+DECIMALS = {"psnr": 2, "ssim": 4, "lpips": 4, "fid": 2}  # what tables print
 
 
 def bin_name(fraction: float) -> str:
@@ -180,7 +181,7 @@ def format_value(metric: str, value: float | None) -> str:
     """Fixed decimals per metric (what README tables show)."""
     if value is None:
         return "-"
-    return f"{value:.{ {'psnr': 2, 'ssim': 4, 'lpips': 4, 'fid': 2}.get(metric, 4) }f}"
+    return f"{value:.{DECIMALS.get(metric, 4)}f}"
 
 
 def format_table(results: dict) -> str:
