@@ -37,13 +37,13 @@ def offset_noise(
 def task_loss(eps_student: Tensor, noise: Tensor) -> Tensor:
     """MSE between the student's eps and the noise that was added (offset included)."""
     _check_same_shape("eps_student", eps_student, "noise", noise)
-    return F.mse_loss(eps_student.float(), noise.float())
+    return F.mse_loss(upcast(eps_student), upcast(noise))
 
 
 def output_kd_loss(eps_student: Tensor, eps_teacher: Tensor) -> Tensor:
     """MSE between student and teacher eps (teacher detached: it is frozen)."""
     _check_same_shape("eps_student", eps_student, "eps_teacher", eps_teacher)
-    return F.mse_loss(eps_student.float(), eps_teacher.detach().float())
+    return F.mse_loss(upcast(eps_student), upcast(eps_teacher.detach()))
 
 
 def feature_kd_loss(
@@ -69,7 +69,7 @@ def feature_kd_loss(
         _check_same_shape(
             f"student feature {s}", fs, f"teacher feature {t}", ft, "(there is no adapter layer)"
         )
-        term = weight * F.mse_loss(fs.float(), ft.detach().float())
+        term = weight * F.mse_loss(upcast(fs), upcast(ft.detach()))
         total = term if total is None else total + term
     return total
 
@@ -81,8 +81,8 @@ def x0_from_eps(x_t: Tensor, eps: Tensor, alpha_bar_t: Tensor) -> Tensor:
             f"alpha_bar_t must hold one value per sample, shape [{x_t.shape[0]}], "
             f"got {list(alpha_bar_t.shape)}"
         )
-    abar = alpha_bar_t.float().view(-1, 1, 1, 1)
-    return (x_t.float() - (1 - abar).sqrt() * eps.float()) / abar.sqrt()
+    abar = upcast(alpha_bar_t).view(-1, 1, 1, 1)
+    return (upcast(x_t) - (1 - abar).sqrt() * upcast(eps)) / abar.sqrt()
 
 
 def perceptual_loss(
@@ -96,6 +96,11 @@ def perceptual_loss(
     x0_student = x0_from_eps(x_t, eps_student, alpha_bar_t)
     x0_target = x0_from_eps(x_t, noise, alpha_bar_t)
     return metric(x0_student, x0_target).mean()
+
+
+def upcast(t: Tensor) -> Tensor:
+    """bf16 / fp16 -> fp32 (losses are computed at least in fp32); fp32 / fp64 unchanged."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor, note: str = "") -> None:

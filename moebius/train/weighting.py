@@ -67,17 +67,17 @@ def vjp_norms(output: Tensor, param: Tensor, cotangents: Sequence[Tensor]) -> Te
         raise ValueError("vjp_norms needs at least one cotangent")
     if len(cotangents) == 1:
         (grad,) = torch.autograd.grad(output, param, cotangents[0], retain_graph=True)
-        return grad.detach().float().norm().reshape(1)
+        return grad.detach().norm().reshape(1)
     (grads,) = torch.autograd.grad(
         output, param, torch.stack(cotangents), retain_graph=True, is_grads_batched=True
     )  # (k, *param.shape)
-    return grads.detach().float().flatten(1).norm(dim=1)
+    return grads.detach().flatten(1).norm(dim=1)
 
 
 def param_grad_norm(loss: Tensor, param: Tensor) -> Tensor:
     """|dL/dP|_F of one loss w.r.t. one tensor (keeps the graph)."""
     (grad,) = torch.autograd.grad(loss, param, retain_graph=True)
-    return grad.detach().float().norm()
+    return grad.detach().norm()
 
 
 def combine_losses(
