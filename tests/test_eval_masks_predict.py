@@ -170,7 +170,7 @@ def test_predict_rejects_a_mask_of_another_size(mask_set, tmp_path, caplog):
 
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
-    from test_pipeline import tiny_pipeline
+    from conftest import tiny_pipeline
 
     return tiny_pipeline().save_pretrained(tmp_path_factory.mktemp("tiny") / "weights")
 
