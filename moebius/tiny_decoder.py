@@ -60,16 +60,18 @@ def load_tiny_decoder(
             f"space has 4 (use {TAESDXL_REPO})"
         )
     tiny = AutoencoderTiny.from_pretrained(path, low_cpu_mem_usage=False, torch_dtype=dtype)
-    return tiny.to(device=device).eval()
+    # 64-channel convs at up to full resolution: channels-last runs them ~1.6x faster on CPU.
+    return tiny.to(device=device, memory_format=torch.channels_last).eval()
 
 
 def decode(tiny, latents: torch.Tensor) -> torch.Tensor:
-    """Pipeline latents [B,4,h,w] (VAE-scaled) -> image [B,3,8h,8w] float32 in [0,1].
+    """Pipeline latents [B,4,h,w] (VAE-scaled) -> image [B,3,8h,8w] float32 in about [-1,1].
 
     Same contract as `moebius.vae.decode` (the full decoder), so either can finish a run.
     """
     z = latents.to(device=tiny.device, dtype=tiny.dtype) / tiny.config.scaling_factor
-    return (tiny.decode(z).sample.float() + 1) / 2
+    z = z.contiguous(memory_format=torch.channels_last)
+    return tiny.decode(z).sample.float()
 
 
 # ------------------------------------------------------------------------------- x0 previews
@@ -125,4 +127,4 @@ class Previewer:
         t_last, x_t = last  # x_t: this step's input, at timestep t (the previous step's output)
         t_prev = t - (t_last - t)  # the step goes from t to t - (spacing of the schedule)
         x0 = x0_from_consecutive(x_t.float(), x.float(), self.alpha_bar(t), self.alpha_bar(t_prev))
-        self.on_preview(i, decode(self.tiny, x0))
+        self.on_preview(i, (decode(self.tiny, x0) + 1) / 2)

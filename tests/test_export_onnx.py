@@ -7,46 +7,25 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
-from PIL import Image
+from conftest import noise_pair, tiny_pipeline
 
 from moebius import cli
 from moebius.export import onnx as onnx_export
 from moebius.export import runtime
-from moebius.models import MoebiusConfig, MoebiusUNet
-from moebius.pipeline import InpaintPipeline, category_ids
-
-
-def _tiny_pipeline(seed: int = 0) -> InpaintPipeline:
-    """Tiny student (16x16 latent) + ~67k-parameter SDXL-type VAE: native 128 px."""
-    with torch.random.fork_rng():  # diffusers initialises from the global RNG; keep it local
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
-            norm_num_groups=8, sample_size=128, scaling_factor=0.13025,
-        )  # fmt: skip
-        unet = MoebiusUNet(MoebiusConfig.tiny())
-        for m in unet.modules():  # non-trivial BatchNorm statistics, as trained weights have
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-        pipe = InpaintPipeline(unet, vae)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _native_pair(side: int = 128) -> tuple[Image.Image, Image.Image]:
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
-    mask = np.zeros((side, side), np.uint8)
-    mask[40:90, 30:70] = 255
-    return image, Image.fromarray(mask)
+from moebius.pipeline import category_ids
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    return _tiny_pipeline()
+    """The tiny pipeline with non-trivial BatchNorm statistics, as trained weights have."""
+    pipe = tiny_pipeline()
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        for m in pipe.unet.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return pipe
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +114,7 @@ def test_onnxruntime_pipeline_reproduces_torch_within_one_level(pipe, exported):
     onnx_pipe = runtime.load_pipeline(exported)
     onnx_pipe.set_progress_bar_config(disable=True)
     assert onnx_pipe.native_size == pipe.native_size == 128
-    image, mask = _native_pair()
+    image, mask = noise_pair()
     noise = pipe.draw_noise(1, generator=torch.Generator().manual_seed(3))
     for paste in (True, False):  # pasted, and the raw decoded window
         want = np.asarray(pipe(image, mask, noise=noise, paste=paste, steps=5), dtype=np.int16)

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny
+from conftest import noise_pair, seeded, tiny_pipeline
+from diffusers import AutoencoderTiny
 
 from moebius import tiny_decoder
-from moebius.models import MoebiusConfig, MoebiusUNet
-from moebius.pipeline import InpaintPipeline, make_scheduler
+from moebius.pipeline import make_scheduler
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,8 @@ def test_decode_contract_matches_the_full_vae_decode(taesdxl_dir):
     latents = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         image = tiny_decoder.decode(tiny, latents)
-        # The tiny decoder reads the UNet-space latents as they are (no / 0.13025) ...
-        want = (tiny.decoder(latents) + 1) / 2
+        # The tiny decoder reads the UNet-space latents as they are (no / 0.13025).
+        want = tiny.decoder(latents)
     assert image.shape == (2, 3, 64, 96) and image.dtype == torch.float32
     torch.testing.assert_close(image, want)
 
@@ -76,15 +76,7 @@ def test_x0_from_consecutive_latents_is_the_schedulers_prediction():
 
 
 def test_previewer_decodes_the_x0_of_each_step(taesdxl_dir):
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        vae = AutoencoderKL(
-            block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8,
-            scaling_factor=0.13025,
-        )  # fmt: skip
-        pipe = InpaintPipeline(MoebiusUNet(MoebiusConfig.tiny()), vae)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_pipeline()
     tiny = tiny_decoder.load_tiny_decoder(taesdxl_dir)
     previews, latents = [], []
     preview = tiny_decoder.Previewer(tiny, pipe.scheduler, lambda i, im: previews.append((i, im)))
@@ -93,18 +85,29 @@ def test_previewer_decodes_the_x0_of_each_step(taesdxl_dir):
         latents.append(x)
         preview(i, t, x)
 
-    image = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
-    mask = np.zeros((128, 128), bool)
-    mask[30:80, 40:90] = True
-    from PIL import Image
-
-    pipe(Image.fromarray(image), mask, steps=5, generator=torch.Generator().manual_seed(0),
-         callback=callback)  # fmt: skip
+    image, mask = noise_pair()
+    pipe(image, mask, steps=5, generator=seeded(0), callback=callback)
     assert [i for i, _ in previews] == [1, 2, 3]  # 4 steps at strength 0.99; from the second
     assert all(im.shape == (1, 3, 128, 128) for _, im in previews)
     # The last step lands on x0 (final alpha_bar = 1): its preview decodes the final latents.
     with torch.no_grad():
-        torch.testing.assert_close(previews[-1][1], tiny_decoder.decode(tiny, latents[-1]),
-                                   atol=1e-5, rtol=0)  # fmt: skip
+        final = (tiny_decoder.decode(tiny, latents[-1]) + 1) / 2  # previews are in [0, 1]
+        torch.testing.assert_close(previews[-1][1], final, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="every"):
         tiny_decoder.Previewer(tiny, pipe.scheduler, print, every=0)
+
+
+def test_pipeline_decodes_with_the_tiny_decoder_when_given(taesdxl_dir):
+    pipe = tiny_pipeline()
+    tiny = tiny_decoder.load_tiny_decoder(taesdxl_dir)
+    image, mask = noise_pair()
+    noise = pipe.draw_noise(1, generator=seeded(2))
+    full = np.asarray(pipe(image, mask, steps=3, noise=noise, paste=False), dtype=np.int16)
+    latents = torch.randn(1, 4, 16, 16, generator=seeded(3))
+    with torch.no_grad():
+        want = tiny_decoder.decode(tiny, latents)
+        pipe.decoder = tiny
+        torch.testing.assert_close(pipe.decode(latents), want)
+    fast = np.asarray(pipe(image, mask, steps=3, noise=noise, paste=False), dtype=np.int16)
+    assert fast.shape == full.shape and np.abs(fast - full).mean() > 5  # another decoder ran
+    assert pipe.to("cpu", torch.float64).decoder.dtype == torch.float64  # moves with the networks
