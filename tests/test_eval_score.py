@@ -14,7 +14,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from moebius.cli import main
 from moebius.eval import networks
-from moebius.eval.metrics import frechet_distance
+from moebius.eval.metrics import frechet_distance, inception_discriminative_scores
 from moebius.eval.predict import classical_fill
 from moebius.eval.report import markdown_table
 from moebius.eval.score import bin_name
@@ -119,6 +119,20 @@ def test_frechet_distance_matches_scipy(n_real, n_fake, dim):
     assert abs(frechet_distance(real, real)) < 1e-6 * expected
 
 
+def test_inception_discriminative_scores():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(2000, 2))
+    # fills from the same distribution: the SVM is at chance (a little below 0.5 as it is scored
+    # on the points it was fitted to), each fake about as likely to score "more real"
+    same = inception_discriminative_scores(real, rng.normal(size=(2000, 2)))
+    assert 0.44 < same["u_ids"] <= 0.5 and 0.44 < same["p_ids"] < 0.56
+    # fills shifted far along one axis: perfectly separable, no fake passes for real
+    shifted = real + np.array([10.0, 0.0])
+    assert inception_discriminative_scores(real, shifted) == {"p_ids": 0.0, "u_ids": 0.0}
+    with pytest.raises(ValueError, match="paired"):
+        inception_discriminative_scores(real, real[:10])
+
+
 def test_backbones_have_the_standard_sizes():
     count = sum(p.numel() for p in networks.VGG16Features().parameters())
     assert count == 14_714_688  # torchvision vgg16 convolutions
@@ -171,17 +185,18 @@ def test_lpips_and_fid_run_end_to_end_with_random_backbones(
                "--fid-weights", random_weight_files / networks.INCEPTION_FILE]  # fmt: skip
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     assert score("--pred", pred, "--gt", gt, "--masks", gt, "--out", tmp_path / "a.json",
-                 "--device", "cpu", *weights) == 0  # fmt: skip
+                 "--device", "cpu", "--ids", *weights) == 0  # fmt: skip
     filled = json.loads((tmp_path / "a.json").read_text())
     rows = read_csv(tmp_path / "a.csv")
-    assert set(filled["overall"]) == {"psnr", "ssim", "lpips", "fid"}
+    assert set(filled["overall"]) == {"psnr", "ssim", "lpips", "fid", "p_ids", "u_ids"}
+    assert 0 <= filled["overall"]["p_ids"] <= 1 and 0 <= filled["overall"]["u_ids"] <= 1
     assert all(float(r["lpips"]) > 0 for r in rows.values())
     assert filled["overall"]["lpips"] == pytest.approx(
         np.mean([float(r["lpips"]) for r in rows.values()]), abs=1e-9
     )
     assert filled["overall"]["fid"] > 0
-    for values in filled["bins"].values():  # FID per bin needs >= 2 images
-        assert ("fid" in values) == (values["count"] >= 2)
+    for values in filled["bins"].values():  # FID per bin needs >= 2 images; IDS overall only
+        assert ("fid" in values) == (values["count"] >= 2) and "u_ids" not in values
 
 
 def test_weights_are_found_in_the_torch_hub_cache(random_weight_files, tmp_path, monkeypatch):

@@ -70,6 +70,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results.json (a per-image .csv goes beside it)")
     p.add_argument("--lpips-weights", help="torchvision vgg16-397923af.pth")
     p.add_argument("--fid-weights", help="pytorch-fid pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--ids", action="store_true", help="also P-IDS / U-IDS (needs scikit-learn)")
     p.add_argument("--device", default="auto")
     p.add_argument("-q", "--quiet", action="store_true")
 
@@ -103,7 +104,8 @@ def _score(args) -> int:
     from moebius.eval.score import format_table, load_backbones, score_folders, write_results
 
     backbones = load_backbones(args.lpips_weights, args.fid_weights, args.device)
-    results, rows = score_folders(args.pred, args.gt, args.masks, backbones, not args.quiet)
+    results, rows = score_folders(args.pred, args.gt, args.masks, backbones, not args.quiet,
+                                  ids=args.ids)  # fmt: skip
     json_path, csv_path = write_results(results, rows, args.out)
     print(format_table(results))
     print(f"wrote {json_path} and {csv_path}")

@@ -1,8 +1,10 @@
-"""Metric math: PSNR / SSIM (scikit-image), LPIPS (our VGG16 + LPIPS heads), FID (torchmetrics).
+"""Metric math: PSNR / SSIM (scikit-image), LPIPS (our VGG16 + LPIPS heads), FID (torchmetrics),
+P-IDS / U-IDS (scikit-learn's linear SVM).
 
 Per image pair on the whole image, uint8 RGB (H, W, 3): PSNR with data range 255 and SSIM as
 scikit-image computes the Wang et al. definition with an 11x11 Gaussian window (sigma 1.5,
-population covariances). LPIPS per pair; FID over a set: Frechet distance of pool3 features.
+population covariances); LPIPS per pair. Over a set: FID (Frechet distance of pool3 features) and
+P-IDS / U-IDS (CoModGAN's paired / unpaired inception discriminative scores).
 """
 
 from __future__ import annotations
@@ -71,3 +73,22 @@ def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
     metric.update(torch.from_numpy(np.asarray(real, np.float64)), real=True)
     metric.update(torch.from_numpy(np.asarray(fake, np.float64)), real=False)
     return float(metric.compute())
+
+
+def inception_discriminative_scores(real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
+    """P-IDS and U-IDS of paired (N, D) features: fake[i] is the fill of real[i].
+
+    A linear SVM learns to tell real from fake features. U-IDS = its error rate on the two sets
+    (0.5 = indistinguishable); P-IDS = share of pairs whose fake scores as more real than its own
+    real image (0.5 = indistinguishable). Higher is better for both.
+    """
+    from sklearn.svm import LinearSVC
+
+    if real.shape != fake.shape:
+        raise ValueError(f"P-/U-IDS need paired features, got {real.shape} and {fake.shape}")
+    inputs = np.concatenate([real, fake])
+    targets = np.array([1] * len(real) + [0] * len(fake))
+    svm = LinearSVC(dual=False).fit(inputs, targets)
+    u_ids = 1 - svm.score(inputs, targets)
+    p_ids = np.mean(svm.decision_function(fake) > svm.decision_function(real))
+    return {"p_ids": float(p_ids), "u_ids": float(u_ids)}

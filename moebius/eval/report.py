@@ -8,7 +8,8 @@ from pathlib import Path
 
 from moebius.eval.score import METRIC_ORDER, format_value
 
-ARROWS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "fid": "FID ↓"}
+ARROWS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "fid": "FID ↓",
+          "p_ids": "P-IDS ↑", "u_ids": "U-IDS ↑"}  # fmt: skip
 
 
 def labels_for(paths: list[Path]) -> list[str]:

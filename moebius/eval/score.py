@@ -24,8 +24,8 @@ from moebius.eval.data import list_images, mask_path
 logger = logging.getLogger(__name__)
 
 BIN_WIDTH = 10  # percent of the image area per hole-size bin
-METRIC_ORDER = ("psnr", "ssim", "lpips", "fid")
-DECIMALS = {"psnr": 2, "ssim": 4, "lpips": 4, "fid": 2}  # what tables print
+METRIC_ORDER = ("psnr", "ssim", "lpips", "fid", "p_ids", "u_ids")
+DECIMALS = {"psnr": 2, "ssim": 4, "lpips": 4, "fid": 2, "p_ids": 4, "u_ids": 4}  # tables print
 
 
 def bin_name(fraction: float) -> str:
@@ -95,8 +95,8 @@ def _pairs(pred: Path, gt: Path) -> list[tuple[str, Path, Path]]:
     return [(p.stem, pred / f"{p.stem}.png", p) for p in gts]
 
 
-def _summary(rows: list[dict], features: dict | None) -> dict:
-    """Mean of each per-image metric over `rows`, plus FID of their features (>= 2 images)."""
+def _summary(rows: list[dict], features: dict | None, ids: bool = False) -> dict:
+    """Mean of each per-image metric over `rows`, FID of their features (>= 2 images), P/U-IDS."""
     out = {"count": len(rows)}
     for metric in ("psnr", "ssim", "lpips"):
         if rows and metric in rows[0]:
@@ -108,6 +108,10 @@ def _summary(rows: list[dict], features: dict | None) -> dict:
         real = np.stack([features[n][0] for n in names])
         fake = np.stack([features[n][1] for n in names])
         out["fid"] = frechet_distance(real, fake)
+        if ids:
+            from moebius.eval.metrics import inception_discriminative_scores
+
+            out |= inception_discriminative_scores(real, fake)
     return out
 
 
@@ -117,8 +121,13 @@ def score_folders(
     masks: str | os.PathLike | None = None,
     backbones: Backbones | None = None,
     progress: bool = True,
+    ids: bool = False,
 ) -> tuple[dict, list[dict]]:
-    """(results, per-image rows) for the predictions in `pred` against `gt`."""
+    """(results, per-image rows) for the predictions in `pred` against `gt`.
+
+    `ids` adds P-IDS / U-IDS (overall only: an SVM per small bin means little); they need the FID
+    backbone and scikit-learn.
+    """
     from tqdm.auto import tqdm
 
     from moebius.eval import metrics
@@ -149,7 +158,9 @@ def score_folders(
             features[name] = (metrics.inception_features(backbones.inception, g),
                               metrics.inception_features(backbones.inception, p))  # fmt: skip
         rows.append(row)
-    overall = _summary(rows, features)
+    if ids and features is None:
+        logger.warning("P-IDS/U-IDS skipped: they use the FID backbone's features (see above)")
+    overall = _summary(rows, features, ids)
     results = {"count": overall.pop("count"), "overall": overall, "bins": {}}
     if masks is not None:
         for name in sorted({r["bin"] for r in rows}, key=lambda b: int(b.split("-")[0])):
