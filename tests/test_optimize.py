@@ -1,0 +1,185 @@
+"""`moebius.models.optimize`: every optimisation matches the plain modules within fp32 rounding."""
+
+import json
+import logging
+import sys
+
+import pytest
+import torch
+from conftest import shared_path
+from safetensors.torch import load_file
+
+from moebius.models import MoebiusConfig, MoebiusUNet, PixelHackerConfig, PixelHackerUNet, optimize
+from moebius.models.blocks import DepthwiseSeparableConv
+from moebius.models.lambda_layers import CrossLambda, SelfLambda
+from moebius.models.optimize import (
+    FastCrossLambda,
+    FastSelfLambda,
+    fold_separable_conv,
+    resolve_dtype,
+)
+
+FP32_TOL = 1e-4  # max abs difference of eps allowed for the fp32 fast path (issue 13)
+# The package exports the function `optimize`, which shadows the module's name as an attribute.
+OPTIMIZE_MODULE = sys.modules["moebius.models.optimize"]
+
+
+def _randomize_batchnorms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial running statistics and affine terms, so folding is really exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    for bn in model.modules():
+        if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+            c = bn.num_features
+            bn.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
+            bn.running_var.copy_(0.5 + torch.rand(c, generator=gen))
+            bn.weight.data.copy_(1 + 0.2 * torch.randn(c, generator=gen))
+            bn.bias.data.copy_(0.1 * torch.randn(c, generator=gen))
+    return model.eval()
+
+
+def _guided_inputs(config: MoebiusConfig, batch: int = 2, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    s, half = config.sample_size, config.context_len
+    sample = torch.randn(batch, config.in_channels, s, s, generator=gen)
+    ids = torch.tensor([list(range(half, 2 * half)), list(range(half))] * (batch // 2))
+    return sample, torch.tensor([900]), ids
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return _randomize_batchnorms(MoebiusUNet(MoebiusConfig.tiny()))
+
+
+def test_fold_separable_conv_matches():
+    torch.manual_seed(0)
+    block = _randomize_batchnorms(DepthwiseSeparableConv(16, 16))
+    x = torch.randn(2, 16, 12, 12)
+    with torch.no_grad():
+        ref = block(x)
+        fold_separable_conv(block)
+        out = block(x)
+    assert isinstance(block.bn1, torch.nn.Identity) and block.conv_pw.bias is not None
+    assert (out - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_self_lambda_matches(channels_last):
+    torch.manual_seed(0)
+    layer = _randomize_batchnorms(SelfLambda(32, heads=4, dim_k=8, local_size=7))
+    x = torch.randn(2, 32, 10, 12)
+    fast = FastSelfLambda(layer)
+    with torch.no_grad():
+        ref = layer(x)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = fast(x)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+def test_fast_cross_lambda_matches_and_caches_per_context():
+    torch.manual_seed(0)
+    layer = _randomize_batchnorms(CrossLambda(32, 24, heads=4, dim_k=8, grid=6, context_len=5))
+    fast = FastCrossLambda(layer)
+    x = torch.randn(2, 32, 6, 6)
+    contexts = torch.randn(2, 2, 5, 24)
+    with torch.no_grad():
+        for context in [contexts[0], contexts[0], contexts[1]]:  # miss, hit, miss
+            ref, out = layer(x, context), fast(x, context)
+            assert (out - ref).abs().max() < 1e-5 * ref.abs().max()
+            assert torch.equal(fast._cache[0], context)
+        with pytest.raises(ValueError, match="sized for a 6x6 grid"):
+            fast(torch.randn(2, 32, 5, 5), contexts[0])
+
+
+def test_optimize_tiny_matches_plain_and_leaves_original(tiny):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    sample, t, ids = _guided_inputs(tiny.config)
+    with torch.inference_mode():
+        ref, ref_feats = tiny(sample, t, ids, return_features=True)
+        fast = optimize(tiny)
+        out, feats = fast(sample, t, ids, return_features=True)
+        again = tiny(sample, t, ids)
+    assert fast is not tiny and fast.optimized_dtype == torch.float32
+    assert out.is_contiguous() and out.dtype == torch.float32
+    assert (out - ref).abs().max() < FP32_TOL
+    for a, b in zip(feats, ref_feats, strict=True):
+        assert (a - b).abs().max() < FP32_TOL
+    assert torch.equal(again, ref)  # the original still runs the plain modules
+    assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())
+    assert any(isinstance(m, SelfLambda) for m in tiny.modules())
+    assert not any(isinstance(m, (SelfLambda, CrossLambda)) for m in fast.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+
+
+def test_optimize_bf16_close_to_plain(tiny, monkeypatch):
+    monkeypatch.setattr(OPTIMIZE_MODULE, "cpu_has_fast_bf16", lambda: True)
+    sample, t, ids = _guided_inputs(tiny.config)
+    fast = optimize(tiny, torch.bfloat16)
+    assert fast.optimized_dtype == torch.bfloat16
+    assert next(fast.parameters()).dtype == torch.bfloat16
+    with torch.inference_mode():
+        ref = tiny(sample, t, ids)
+        out = fast(sample.bfloat16(), t, ids).float()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 5e-2  # bf16 keeps 8 mantissa bits; the full-size figure is in bench/results
+
+
+def test_bf16_stays_fp32_without_native_support(monkeypatch, caplog):
+    monkeypatch.setattr(OPTIMIZE_MODULE, "cpu_has_fast_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
+    assert "stays float32" in caplog.text
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    with pytest.raises(ValueError, match="float32, bfloat16 and float16"):
+        resolve_dtype(torch.int8, torch.device("cpu"))
+
+
+def test_optimize_rejects_other_modules():
+    with pytest.raises(TypeError, match="MoebiusUNet or PixelHackerUNet"):
+        optimize(torch.nn.Linear(2, 2))
+
+
+def test_optimize_teacher_matches_plain():
+    torch.manual_seed(0)
+    teacher = PixelHackerUNet(PixelHackerConfig.tiny()).eval()
+    s = PixelHackerConfig.tiny().sample_size
+    sample = torch.randn(2, 9, s, s)
+    ids = torch.arange(10).repeat(2, 1)
+    with torch.inference_mode():
+        ref = teacher(sample, torch.tensor([500]), ids)
+        out = optimize(teacher)(sample, torch.tensor([500]), ids)
+    assert (out - ref).abs().max() < FP32_TOL
+
+
+@pytest.mark.parametrize("name", ["A", "B"])
+def test_fast_path_matches_parity_reference(name):
+    """The reduced reference student through the fast path against the original's outputs."""
+    root = shared_path("reference", "parity")
+    config = json.loads((root / "config.json").read_text())["config"]
+    model = MoebiusUNet(MoebiusConfig.from_original(config)).eval()
+    model.load_state_dict(load_file(str(root / "weights.safetensors")), strict=True)
+    inputs = load_file(str(root / f"inputs_{name}.safetensors"))
+    outputs = load_file(str(root / f"outputs_{name}.safetensors"))
+    with torch.inference_mode():
+        eps, feats = optimize(model)(
+            inputs["sample"], inputs["timesteps"], inputs["input_ids"], return_features=True
+        )
+    assert (eps - outputs["noise_pred"]).abs().max() < FP32_TOL
+    for i, feat in enumerate(feats):  # stage outputs reach |x| ~ 20: tolerance relative to them
+        if f"block_outputs.{i}" in outputs:
+            ref = outputs[f"block_outputs.{i}"]
+            assert (feat - ref).abs().max() < FP32_TOL * ref.abs().max(), f"block {i}"
+
+
+@pytest.mark.slow
+def test_fast_path_full_size_random_weights():
+    """Released-size student (random weights, non-trivial BatchNorms): fast fp32 vs plain fp32."""
+    torch.manual_seed(0)
+    model = _randomize_batchnorms(MoebiusUNet(MoebiusConfig()))
+    sample, t, ids = _guided_inputs(model.config)
+    with torch.inference_mode():
+        ref = model(sample, t, ids)
+        out = optimize(model)(sample, t, ids)
+    assert (out - ref).abs().max() < FP32_TOL
