@@ -37,7 +37,7 @@ def _inputs(config: MoebiusConfig, batch: int, device, dtype):
     s = config.sample_size
     gen = torch.Generator().manual_seed(0)
     sample = torch.randn(batch, config.in_channels, s, s, generator=gen).to(device, dtype)
-    half = config.context_len
+    half = config.num_context_tokens
     ids = torch.tensor([list(range(half, 2 * half)), list(range(half))] * (batch // 2))
     return sample, torch.tensor([900], device=device), ids.to(device)
 

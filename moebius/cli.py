@@ -14,14 +14,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from moebius import hub
+from moebius import __version__, hub, options
 
 logger = logging.getLogger("moebius")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MASK_SUFFIX = "_mask"  # NAME.png's mask is MASK_DIR/NAME_mask.png or MASK_DIR/NAME.png
 NO_ALPHA_EXTENSIONS = (".jpg", ".jpeg")
-DTYPES = ("float32", "float16", "bfloat16")
 # CLI option -> pipeline keyword. Options left unset (None) take the pipeline's defaults, which
 # are the original recipe's: the numbers live there only.
 PIPELINE_OPTIONS = {
@@ -108,13 +107,8 @@ def _pipeline(args, files: hub.WeightFiles):
     """Load the pipeline (imports torch) on the requested device and dtype."""
     import torch
 
-    from moebius import strategies
-    from moebius.pipeline import TASKS, InpaintPipeline
+    from moebius.pipeline import InpaintPipeline
 
-    if args.strategy is not None:
-        hub.check_choice("strategy", args.strategy, strategies.STRATEGIES)
-    if args.task is not None:
-        hub.check_choice("task", args.task, TASKS)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -155,7 +149,7 @@ def cmd_inpaint(args) -> int:
     failures = [j for j in todo if j.error]
     runnable = [j for j in todo if not j.error]
     if runnable:
-        files = hub.resolve(args.weights, args.variant, model=args.model or "moebius",
+        files = hub.resolve(args.weights, args.variant, model=args.model or options.DEFAULT_MODEL,
                             cache_dir=args.cache_dir)  # fmt: skip
         pipe = _pipeline(args, files)
         from tqdm.auto import tqdm
@@ -178,7 +172,7 @@ def cmd_inpaint(args) -> int:
 
 # ----------------------------------------------------------------------------- download, convert
 def cmd_download(args) -> int:
-    variants = hub.VARIANTS if args.variant == "all" else (args.variant,)
+    variants = options.VARIANTS if args.variant == "all" else (args.variant,)
     for variant in variants:
         files = hub.download(variant, model=args.model, cache_dir=args.cache_dir)
         print(f"{args.model} {variant}: {files.unet_weights}\nvae: {files.vae_dir}")
@@ -196,7 +190,7 @@ def _original_config(path: Path | None, model: str):
     data = json.loads(path.read_text())
     num_embeddings = data.get("num_embeddings", 20)
     data = data.get("config", data)
-    if model == "moebius":
+    if model == options.DEFAULT_MODEL:
         from moebius.models import MoebiusConfig
 
         return MoebiusConfig.from_original(data, num_embeddings=num_embeddings)
@@ -226,6 +220,7 @@ def cmd_convert(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moebius", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inpaint", help="fill the white part of a mask (file or folder)",
@@ -237,45 +232,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mask", help="mask file (white = fill) or folder of masks")
     p.add_argument("-o", "--output", required=True, help="output file or folder")
     p.add_argument("--weights", help="weights folder or hub repo (default: the --model repo)")
-    p.add_argument(
-        "--model",
-        choices=tuple(hub.MODEL_REPOS),
-        default=None,
-        help="moebius (default) or the pixelhacker teacher",
-    )
-    p.add_argument("--variant", choices=hub.VARIANTS, default=hub.DEFAULT_VARIANT)
+    p.add_argument("--model", choices=options.MODELS, default=None,
+                   help="the student (default) or its pixelhacker teacher")  # fmt: skip
+    p.add_argument("--variant", choices=options.VARIANTS, default=options.DEFAULT_VARIANT)
     p.add_argument("--cache-dir", help="Hugging Face cache folder (default: HF_HOME's)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--dtype", choices=options.DTYPES, default="float32")
     p.add_argument("--seed", type=int, default=0, help="noise seed, the same for every image")
     # Recipe options left unset take the pipeline's defaults, which are the original's.
     p.add_argument("--steps", type=int, help="DDIM steps of the schedule")
     p.add_argument("--strength", type=float, help="share of the schedule that runs")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     p.add_argument("--noise-offset", type=float, help="std of the per-channel noise offset")
-    p.add_argument("--strategy", help="auto (crop unless native size), crop, resize or native")
+    p.add_argument("--strategy", choices=options.STRATEGIES,
+                   help="auto (crop unless native size), crop, resize or native")  # fmt: skip
     p.add_argument("--margin", type=int, help="context pixels around a crop region")
     p.add_argument("--dilate", type=int, help="grow the mask by this many pixels")
     p.add_argument("--invert-mask", action="store_true", help="black = fill instead of white")
     p.add_argument("--resize-mask", action="store_true", help="stretch a mask of another size")
     p.add_argument("--no-paste", action="store_true", help="keep the raw generated window")
     p.add_argument("--compensate", action="store_true", help="colour-match the fill to its ring")
-    p.add_argument("--task", help="remove (fill with background, default) or object")
+    p.add_argument("--task", choices=options.TASKS,
+                   help="remove (fill with background, default) or object")  # fmt: skip
     p.add_argument("--batch-size", type=int, help="native-size windows per model batch")
     p.add_argument("--overwrite", action="store_true", help="redo outputs that exist")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_inpaint)
 
     p = sub.add_parser("download", help="fetch released weights into the Hugging Face cache")
-    p.add_argument("--model", choices=tuple(hub.MODEL_REPOS), default="moebius")
-    p.add_argument("--variant", choices=(*hub.VARIANTS, "all"), default=hub.DEFAULT_VARIANT)
+    p.add_argument("--model", choices=options.MODELS, default=options.DEFAULT_MODEL)
+    p.add_argument("--variant", choices=(*options.VARIANTS, "all"), default=options.DEFAULT_VARIANT)
     p.add_argument("--cache-dir")
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("convert", help="released .bin -> our folder (unet/ [+ vae/])")
     p.add_argument("bin", help="released diffusion_pytorch_model.bin")
     p.add_argument("out_dir")
-    p.add_argument("--model", choices=tuple(hub.MODEL_REPOS), default="moebius")
+    p.add_argument("--model", choices=options.MODELS, default=options.DEFAULT_MODEL)
     p.add_argument("--config", help="original config JSON (default: the released architecture)")
     p.add_argument("--vae", help="VAE folder to include, e.g. the released vae/")
     p.set_defaults(func=cmd_convert)
@@ -284,7 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `moebius` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version (0) or a bad option (2): argparse has printed
+        return done.code
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="moebius: %(message)s")  # fmt: skip
     try:

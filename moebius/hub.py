@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from moebius.errors import MoebiusError
+from moebius.options import DEFAULT_MODEL, DEFAULT_VARIANT, MODELS, VARIANTS, check_choice
+
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("pretrained", "ft_places2", "ft_celebahq", "ft_ffhq")
-DEFAULT_VARIANT = "ft_places2"
-MODEL_REPOS = {"moebius": "hustvl/Moebius", "pixelhacker": "hustvl/PixelHacker"}
+# The names (MODELS, VARIANTS, defaults) live in moebius.options; here, where they are on the hub.
+MODEL_REPOS = dict(zip(MODELS, ("hustvl/Moebius", "hustvl/PixelHacker"), strict=True))
 VAE_REPO = "hustvl/PixelHacker"
 VAE_FOLDER = "vae"
 RELEASED_WEIGHTS_NAME = "diffusion_pytorch_model.bin"  # name of every released weights file
@@ -36,7 +38,7 @@ UNET_WEIGHTS_NAMES = ("model.safetensors", RELEASED_WEIGHTS_NAME)  # ours first,
 VAE_WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", RELEASED_WEIGHTS_NAME)
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(MoebiusError, FileNotFoundError):
     """Weights that are neither on disk nor obtainable now; the message lists files and remedies."""
 
 
@@ -56,7 +58,7 @@ class _HubFile:
     filename: str  # path inside the repo
 
 
-def released_files(variant: str, model: str = "moebius") -> list[_HubFile]:
+def released_files(variant: str, model: str = DEFAULT_MODEL) -> list[_HubFile]:
     """The hub files a variant needs: the network weights, then the VAE config and weights."""
     check_choice("variant", variant, VARIANTS)
     check_choice("model", model, tuple(MODEL_REPOS))
@@ -67,17 +69,11 @@ def released_files(variant: str, model: str = "moebius") -> list[_HubFile]:
     ]
 
 
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    """Raise a ValueError naming the allowed values when `value` is not one of them."""
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
-
-
 def resolve(
     pretrained: str | os.PathLike | None = None,
     variant: str = DEFAULT_VARIANT,
     *,
-    model: str = "moebius",
+    model: str = DEFAULT_MODEL,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     revision: str | None = None,
@@ -89,6 +85,13 @@ def resolve(
     if pretrained is not None and _looks_like_path(str(pretrained)):
         raise WeightsNotFoundError(
             f"weights folder {pretrained} does not exist (a hub repo id looks like owner/name)"
+        )
+    if pretrained is not None and "/" not in str(pretrained):
+        # Our repos are always owner/name, so a bare NAME was meant as a folder.
+        raise WeightsNotFoundError(
+            f"no weights folder named {str(pretrained)!r} exists in {Path.cwd()}. "
+            f"To use a Hugging Face hub repo instead, name it as owner/name "
+            f"(e.g. {MODEL_REPOS[model]})."
         )
     files = released_files(variant, model)
     if pretrained is not None and pretrained != files[0].repo:
@@ -112,7 +115,7 @@ def _looks_like_path(name: str) -> bool:
 def download(
     variant: str = DEFAULT_VARIANT,
     *,
-    model: str = "moebius",
+    model: str = DEFAULT_MODEL,
     cache_dir: str | os.PathLike | None = None,
 ) -> WeightFiles:
     """Fetch a variant into the Hugging Face cache (no-op for files already there)."""
@@ -222,7 +225,7 @@ def _missing_message(files: list[_HubFile], missing: list[_HubFile], why: str, c
 
     cache = cache_dir or constants.HF_HUB_CACHE
     variant = files[0].filename.split("/")[0]
-    model = next((m for m, r in MODEL_REPOS.items() if r == files[0].repo), "moebius")
+    model = next((m for m, r in MODEL_REPOS.items() if r == files[0].repo), DEFAULT_MODEL)
     lines = [
         f"Weights not found: {why}, and these files are not in the Hugging Face cache ({cache}):"
     ]

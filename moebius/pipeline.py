@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from moebius import hub, images, masks, strategies
 from moebius import vae as vae_lib
 from moebius.models import checkpoints
+from moebius.options import DEFAULT_MODEL
 from moebius.recipe import (  # noqa: F401 (public names of the pipeline API)
     NOISE_KEYS,
     NOISE_OFFSET,
@@ -69,7 +70,7 @@ class InpaintPipeline:
         files = hub.resolve(
             pretrained,
             variant,
-            model=model or "moebius",
+            model=model or DEFAULT_MODEL,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             revision=revision,
@@ -86,7 +87,7 @@ class InpaintPipeline:
             if config is not None and config != saved:
                 raise ValueError(f"config= differs from {files.unet_config}; drop one of them")
             config = saved
-        config = config or checkpoints.released_config(model or "moebius")
+        config = config or checkpoints.released_config(model or DEFAULT_MODEL)
         if model is not None and checkpoints.model_type_of(config) != model:
             raise ValueError(
                 f"the weights are a {checkpoints.model_type_of(config)!r} model, "

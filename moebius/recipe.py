@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from diffusers import DDIMScheduler
 
 from moebius import hub
+from moebius.options import TASKS
 
 NOISE_OFFSET = 0.0357  # std of the per-sample, per-channel constant added to the initial noise
-TASKS = ("remove", "object")
 # The four draws of the original, in its order: VAE posterior eps of the image and of the masked
 # image [B,4,h,w], the initial noise [B,4,h,w], and the noise offset [B,4,1,1].
 NOISE_KEYS = ("vae_image", "vae_masked_image", "latent", "latent_offset")

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from moebius.masks import PASTE_BLUR_RADIUS, MaskError, mask_to_image
+from moebius.options import STRATEGIES  # the names a user can type live in moebius.options
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("auto", "native", "crop", "resize")
 DEFAULT_MARGIN = 128  # context pixels around a region's bbox in a crop window (IOPaint's default)
 
 # run(images, masks) -> results: RGB N x N images, 'L' {0, 255} N x N masks, RGB N x N results.

@@ -36,8 +36,8 @@ def test_from_original_reads_reference_config(parity):
     cfg = model.config
     assert cfg.sample_size == meta["derived"]["sample_size"] == 32
     assert cfg.block_out_channels == (32, 64, 128)
-    assert (cfg.num_heads, cfg.cross_attention_dim, cfg.encoder_hid_dim) == (8, 48, 96)
-    assert cfg.context_len == meta["derived"]["cross_lambda_m"]
+    assert (cfg.num_attention_heads, cfg.cross_attention_dim, cfg.encoder_hid_dim) == (8, 48, 96)
+    assert cfg.num_context_tokens == meta["derived"]["cross_lambda_m"]
     assert sum(p.numel() for p in model.parameters()) == meta["derived"]["num_parameters"]
 
 
@@ -147,7 +147,7 @@ def test_other_configuration_follows_config():
     cfg = MoebiusConfig(
         sample_size=24,
         block_out_channels=(24, 48, 96),
-        num_heads=4,
+        num_attention_heads=4,
         cross_attention_dim=40,
         encoder_hid_dim=56,
         norm_num_groups=8,

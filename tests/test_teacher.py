@@ -13,12 +13,19 @@ from moebius.models.embeddings import timestep_sinusoid
 from moebius.models.teacher import PixelHackerConfig, PixelHackerUNet
 
 PARITY = ("reference", "parity_teacher")
-# fp32 tolerances of the README ("Precision"): the reduced teacher is ill-conditioned in fp32
-# (its own fp32 and fp64 runs differ by 8.4e-4 / 2.7e-4), so float64 is the discriminative check.
-FP32_ATOL = {"A": 3e-3, "B": 1e-3}
+# fp32 tolerances: the reduced teacher is ill-conditioned in fp32 (README "Precision": its own fp32
+# and fp64 runs differ by 8.4e-4 / 2.7e-4), so float64 (<= 1e-8) is the discriminative check. The
+# fp32 rounding noise at a few ill-conditioned tokens depends on the CPU kernels: set A eps lands
+# at 4.9e-4 on an AVX2 CPU, 3.4e-3 with oneDNN on an AVX-512/AMX CPU and 5.2e-3 there without oneDNN
+# (its last block output at 1.9e-2), while fp64 stays at 3e-12. So the max bounds cover every kernel
+# measured, and a mean bound (a real error moves eps by ~0.2 on average) keeps the check sharp.
+FP32_ATOL = {"A": 1e-2, "B": 1e-3}
 # The reference block outputs are fp32 and carry that noise too: the exact (fp64) features differ
 # from them by up to 4.7e-3 (A, last block) / 6e-5 (B).
-FEATURE_ATOL = {"A": 1e-2, "B": 1e-3}
+FEATURE_ATOL = {"A": 5e-2, "B": 1e-3}
+FP32_MEAN_ATOL = {"A": 3e-4, "B": 3e-5}  # measured <= 1.1e-4 (A) / 6.6e-6 (B) over eps and blocks
+
+
 RELEASED_YAML = {  # config/model_cfg/pixelhacker.yaml + the data/vae sections of the demo config
     "data": {"image_size": 512},
     "vae": {"model_name": "sdvae_f8d4", "downsample_ratio": 8, "embed_dim": 4},
@@ -153,12 +160,19 @@ def test_parity_float64(reference_model, name):
     check_block_outputs(features, outputs, FEATURE_ATOL[name])
 
 
-def check_block_outputs(features: list[torch.Tensor], outputs: dict, atol: float) -> None:
+def mean_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().mean().item()
+
+
+def check_block_outputs(
+    features: list[torch.Tensor], outputs: dict, atol: float, mean_atol: float = float("inf")
+) -> None:
     assert len(features) == 9  # down 0-3 (after downsampler), mid, up 0-3 (after upsampler)
     keys = [key for key in outputs if key.startswith("block_outputs.")]
     assert len(keys) >= 7
     for key in keys:
         assert max_diff(features[int(key.split(".")[1])], outputs[key]) <= atol, key
+        assert mean_diff(features[int(key.split(".")[1])], outputs[key]) <= mean_atol, key
 
 
 @pytest.mark.parametrize("name", ["A", "B"])
@@ -169,7 +183,8 @@ def test_parity_float32_with_block_outputs(reference_model, name):
             inputs["sample"], inputs["timesteps"], inputs["input_ids"], return_features=True
         )
     assert max_diff(eps, outputs["noise_pred"]) <= FP32_ATOL[name]
-    check_block_outputs(features, outputs, FEATURE_ATOL[name])
+    assert mean_diff(eps, outputs["noise_pred"]) <= FP32_MEAN_ATOL[name]
+    check_block_outputs(features, outputs, FEATURE_ATOL[name], FP32_MEAN_ATOL[name])
 
 
 def held_out_config() -> PixelHackerConfig:

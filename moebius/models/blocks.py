@@ -98,7 +98,7 @@ class LambdaTransformerBlock(nn.Module):
         context_dim: int,
         heads: int,
         grid: int,
-        context_len: int,
+        num_context_tokens: int,
         local_size: int,
         mlp_ratio: float,
     ):
@@ -107,7 +107,7 @@ class LambdaTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = SelfLambda(dim, heads, dim_k, local_size)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = CrossLambda(dim, context_dim, heads, dim_k, grid, context_len)
+        self.attn2 = CrossLambda(dim, context_dim, heads, dim_k, grid, num_context_tokens)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = MixFFN(dim, mlp_ratio)
 
@@ -163,13 +163,14 @@ class Upsample2D(nn.Module):
 
 
 class DownStage(nn.Module):
-    """[resnet, transformer] x layers, then an optional stride-2 downsampler; pushes every skip."""
+    """[resnet, transformer] x layers, then an optional stride-2 downsampler."""
 
     def __init__(
         self,
         in_ch: int,
         out_ch: int,
         layers: int,
+        *,
         downsample: bool,
         temb_dim: int,
         groups: int,
@@ -186,14 +187,16 @@ class DownStage(nn.Module):
         )
         self.downsamplers = nn.ModuleList([Downsample2D(out_ch)]) if downsample else None
 
-    def forward(self, x, temb, context, skips: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x, temb, context) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x [B, C_in, H, W] -> (output, skips: every transformer/downsampler output)."""
+        skips = []
         for resnet, attn in zip(self.resnets, self.attentions, strict=True):
             x = attn(resnet(x, temb), context)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
             skips.append(x)
-        return x
+        return x, skips
 
 
 class UpStage(nn.Module):
@@ -204,6 +207,7 @@ class UpStage(nn.Module):
         prev_ch: int,
         out_ch: int,
         skip_chs: list[int],
+        *,
         upsample: bool,
         temb_dim: int,
         groups: int,
@@ -221,10 +225,10 @@ class UpStage(nn.Module):
         )
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
 
-    def forward(self, x, temb, context, skips: list[torch.Tensor]) -> torch.Tensor:
-        for resnet, attn in zip(self.resnets, self.attentions, strict=True):
-            x = attn(resnet(torch.cat([x, skips.pop()], dim=1), temb), context)
+    def forward(self, x, skips: list[torch.Tensor], temb, context, *, upsample_size=None):
+        """x [B, C_prev, H, W]; `skips` in push order, the last consumed first -> [B, C_out, ..]."""
+        for resnet, attn, skip in zip(self.resnets, self.attentions, reversed(skips), strict=True):
+            x = attn(resnet(torch.cat([x, skip], dim=1), temb), context)
         if self.upsamplers is not None:
-            # Upsample to the next skip's size so odd sizes line up (diffusers' upsample_size).
-            x = self.upsamplers[0](x, size=tuple(skips[-1].shape[-2:]) if skips else None)
+            x = self.upsamplers[0](x, size=upsample_size)  # to the next skip's size
         return x

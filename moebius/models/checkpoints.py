@@ -21,6 +21,7 @@ from torch import nn
 # File names have one home, the torch-free `moebius.hub` (the CLI reads them without torch).
 from moebius.hub import CONFIG_NAME, UNET_WEIGHTS_NAMES
 from moebius.hub import RELEASED_WEIGHTS_NAME as ORIGINAL_WEIGHTS_NAME
+from moebius.options import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 def config_from_dict(data: dict[str, Any]):
     """Inverse of `config_to_dict`: lists become tuples so frozen configs compare equal."""
     data = dict(data)
-    model_type = data.pop("model_type", "moebius")
+    model_type = data.pop("model_type", DEFAULT_MODEL)
     registry = _model_registry()
     if model_type not in registry:
         raise CheckpointError(f"unknown model_type {model_type!r}; known: {sorted(registry)}")

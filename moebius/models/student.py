@@ -20,10 +20,18 @@ from torch import nn
 
 from moebius.models.blocks import DepthwiseSeparableConv, DownStage, UpStage
 from moebius.models.embeddings import TimestepEmbedding, expand_timesteps, timestep_sinusoid
+from moebius.models.original_config import read_original
 
 # Number of context tokens per category: the embedding holds two categories (background ids
 # 0..9, foreground ids 10..19), and a row of input_ids is one category's 10 tokens.
 CATEGORIES = 2
+# Original model keys that only restate the Moebius architecture (see `from_original`).
+ORIGINAL_FIXED = {
+    "model_type": "UNet2DLambdaDWConvMixFFNConditionModel_prune_down_mid_up_block_8x8",
+    "mid_block_type": None,
+    "use_lambda_cross_attn": True,
+    "use_local_self_attn": True,
+}
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,7 @@ class MoebiusConfig:
     block_out_channels: tuple[int, ...] = (320, 640, 1280)
     layers_per_block: int = 2
     transformer_layers_per_block: int = 1
-    num_heads: int = 8  # "attention_head_dim" in the original config (a diffusers naming quirk)
+    num_attention_heads: int = 8  # "attention_head_dim" in the original config (diffusers quirk)
     cross_attention_dim: int = 768
     encoder_hid_dim: int = 3072
     num_embeddings: int = 20
@@ -49,17 +57,18 @@ class MoebiusConfig:
 
     def __post_init__(self):
         for c in self.block_out_channels:
-            if c % self.num_heads or c % self.norm_num_groups:
+            if c % self.num_attention_heads or c % self.norm_num_groups:
                 raise ValueError(
-                    f"block width {c} must be divisible by num_heads={self.num_heads} and "
+                    f"block width {c} must be divisible by "
+                    f"num_attention_heads={self.num_attention_heads} and "
                     f"norm_num_groups={self.norm_num_groups}"
                 )
         if self.sample_size % 2 ** (len(self.block_out_channels) - 1):
             raise ValueError(f"sample_size {self.sample_size} must halve at every level")
 
     @property
-    def context_len(self) -> int:
-        """Tokens per row of input_ids (10 for the released model)."""
+    def num_context_tokens(self) -> int:
+        """Tokens per category (10): the length of `input_ids` per sample."""
         return self.num_embeddings // CATEGORIES
 
     @classmethod
@@ -68,7 +77,7 @@ class MoebiusConfig:
         return cls(
             sample_size=16,
             block_out_channels=(16, 32, 64),
-            num_heads=4,
+            num_attention_heads=4,
             cross_attention_dim=32,
             encoder_hid_dim=32,
             norm_num_groups=8,
@@ -76,46 +85,18 @@ class MoebiusConfig:
 
     @classmethod
     def from_original(cls, cfg: dict[str, Any], num_embeddings: int = 20) -> MoebiusConfig:
-        """Read the original YAML-style config dict (sections `data`, `vae`, `model`)."""
-        model = dict(cfg["model"])
-        sample_size = cfg["data"]["image_size"] // cfg["vae"]["downsample_ratio"]
-        if "sample_size" in model and model["sample_size"] != sample_size:
-            raise ValueError(f"model.sample_size {model['sample_size']} != image/vae {sample_size}")
-        for key, supported in [
-            ("mid_block_type", None),
-            ("use_lambda_cross_attn", True),
-            ("use_local_self_attn", True),
-            ("encoder_hid_dim_type", "text_proj"),
-            ("use_linear_projection", False),
-        ]:
-            if model.get(key, supported) != supported:
-                raise ValueError(
-                    f"original setting {key}={model[key]!r} is not the Moebius architecture "
-                    f"(supported: {supported!r})"
-                )
-        heads = model.get("num_attention_heads") or model.get("attention_head_dim", 8)
-        if not isinstance(heads, int):
-            raise ValueError(f"per-level head counts are not supported, got {heads!r}")
-        defaults = cls()
-        return cls(
-            sample_size=sample_size,
-            in_channels=model.get("in_channels", defaults.in_channels),
-            out_channels=model.get("out_channels", defaults.out_channels),
-            block_out_channels=tuple(model.get("block_out_channels", defaults.block_out_channels)),
-            layers_per_block=model.get("layers_per_block", defaults.layers_per_block),
-            transformer_layers_per_block=model.get(
-                "transformer_layers_per_block", defaults.transformer_layers_per_block
-            ),
-            num_heads=heads,
-            cross_attention_dim=model.get("cross_attention_dim", defaults.cross_attention_dim),
-            encoder_hid_dim=model.get("encoder_hid_dim", defaults.encoder_hid_dim),
-            num_embeddings=num_embeddings,
-            mix_mlp_ratio=model.get("mix_mlp_ratio", defaults.mix_mlp_ratio),
-            norm_num_groups=model.get("norm_num_groups", defaults.norm_num_groups),
-            norm_eps=model.get("norm_eps", defaults.norm_eps),
-            flip_sin_to_cos=model.get("flip_sin_to_cos", defaults.flip_sin_to_cos),
-            freq_shift=model.get("freq_shift", defaults.freq_shift),
-        )
+        """Config from the original YAML dict (sections `data`, `vae`, `model`); unknown keys raise.
+
+        sample_size = data.image_size // vae.downsample_ratio; see `original_config.read_original`.
+        """
+        model = dict(cfg.get("model", {}))
+        for key, block in (("down_block_types", "DWMixTFDownBlock2D"),
+                           ("up_block_types", "DWMixTFUpBlock2D")):  # fmt: skip
+            types = model.pop(key, None)
+            if types is not None and set(types) != {block}:
+                raise ValueError(f"original {key} {types} is not the Moebius architecture")
+        return cls(**read_original(cls, {**cfg, "model": model}, fixed=ORIGINAL_FIXED,
+                                   num_embeddings=num_embeddings))  # fmt: skip
 
     def replace(self, **changes) -> MoebiusConfig:
         """A copy with some fields changed."""
@@ -125,83 +106,69 @@ class MoebiusConfig:
 class LambdaUNet(nn.Module):
     """The denoiser (`diff_model`): conv_in, 3 down stages, no mid block, 3 up stages, conv_out."""
 
-    def __init__(self, cfg: MoebiusConfig):
+    def __init__(self, config: MoebiusConfig):
         super().__init__()
-        chs = cfg.block_out_channels
-        temb_dim = 4 * chs[0]
-        groups, eps = cfg.norm_num_groups, cfg.norm_eps
-        self.conv_in = DepthwiseSeparableConv(cfg.in_channels, chs[0])
-        self.time_embedding = TimestepEmbedding(chs[0], temb_dim)
-        self.encoder_hid_proj = nn.Linear(cfg.encoder_hid_dim, cfg.cross_attention_dim)
+        c, widths = config, config.block_out_channels
+        levels, temb_dim = len(widths), 4 * widths[0]
+        self.conv_in = DepthwiseSeparableConv(c.in_channels, widths[0])
+        self.time_embedding = TimestepEmbedding(widths[0], temb_dim)
+        self.encoder_hid_proj = nn.Linear(c.encoder_hid_dim, c.cross_attention_dim)
 
-        def block_kwargs(level: int) -> dict:
+        def stage_kwargs(level: int) -> dict:
             return dict(
-                context_dim=cfg.cross_attention_dim,
-                heads=cfg.num_heads,
-                grid=cfg.sample_size // 2**level,
-                context_len=cfg.context_len,
-                local_size=cfg.local_lambda_size,
-                mlp_ratio=cfg.mix_mlp_ratio,
-                num_layers=cfg.transformer_layers_per_block,
+                temb_dim=temb_dim,
+                groups=c.norm_num_groups,
+                eps=c.norm_eps,
+                context_dim=c.cross_attention_dim,
+                heads=c.num_attention_heads,
+                grid=c.sample_size // 2**level,
+                num_context_tokens=c.num_context_tokens,
+                local_size=c.local_lambda_size,
+                mlp_ratio=c.mix_mlp_ratio,
+                num_layers=c.transformer_layers_per_block,
             )
 
-        levels = len(chs)
-        skip_chs = [chs[0]]  # channels of every pushed skip, in push order
+        skip_widths = [widths[0]]  # width of every skip the down path returns, conv_in first
         self.down_blocks = nn.ModuleList()
-        for i, out_ch in enumerate(chs):
+        for i, width in enumerate(widths):
             last = i == levels - 1
-            in_ch = chs[max(i - 1, 0)]
             self.down_blocks.append(
-                DownStage(
-                    in_ch,
-                    out_ch,
-                    cfg.layers_per_block,
-                    not last,
-                    temb_dim,
-                    groups,
-                    eps,
-                    **block_kwargs(i),
-                )
-            )
-            skip_chs += [out_ch] * (cfg.layers_per_block + (0 if last else 1))
+                DownStage(widths[max(i - 1, 0)], width, c.layers_per_block,
+                          downsample=not last, **stage_kwargs(i))
+            )  # fmt: skip
+            skip_widths += [width] * (c.layers_per_block + (not last))  # + downsampler output
         self.up_blocks = nn.ModuleList()
-        prev_ch = chs[-1]
-        for i, out_ch in enumerate(reversed(chs)):
+        for i, width in enumerate(reversed(widths)):
             level = levels - 1 - i
-            stage_skips = [skip_chs.pop() for _ in range(cfg.layers_per_block + 1)]
+            skips = [skip_widths.pop() for _ in range(c.layers_per_block + 1)]  # consumed order
+            prev = widths[min(level + 1, levels - 1)]  # width coming up from the level below
             self.up_blocks.append(
-                UpStage(
-                    prev_ch,
-                    out_ch,
-                    stage_skips,
-                    level > 0,
-                    temb_dim,
-                    groups,
-                    eps,
-                    **block_kwargs(level),
-                )
+                UpStage(prev, width, skips, upsample=level > 0, **stage_kwargs(level))
             )
-            prev_ch = out_ch
-        self.conv_norm_out = nn.GroupNorm(groups, chs[0], eps=eps)
-        self.conv_out = DepthwiseSeparableConv(chs[0], cfg.out_channels)
-        self.cfg = cfg
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, widths[0], eps=c.norm_eps)
+        self.conv_out = DepthwiseSeparableConv(widths[0], c.out_channels)
+        self.config = config
 
-    def forward(self, sample, timesteps, context, return_features: bool = False):
+    def forward(self, sample, timesteps, context, *, return_features: bool = False):
         """sample [B, 9, s, s], timesteps [B], context [B, l, D_hid] -> eps [B, 4, s, s]."""
-        cfg = self.cfg
+        c = self.config
         t_feats = timestep_sinusoid(
-            timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift
+            timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift
         ).to(sample.dtype)
         temb = self.time_embedding(t_feats)  # (B, 4*C0)
         context = self.encoder_hid_proj(context)  # (B, l, cross_attention_dim)
         x = self.conv_in(sample)
         skips, features = [x], []
-        for stage in self.down_blocks:
-            x = stage(x, temb, context, skips)
-            features.append(x)
-        for stage in self.up_blocks:
-            x = stage(x, temb, context, skips)
-            features.append(x)
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb, context)
+            skips += block_skips
+            features.append(x)  # after the downsampler
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            skips, block_skips = skips[:-n], skips[-n:]
+            size = tuple(skips[-1].shape[-2:]) if skips else None  # odd sizes line up
+            x = block(x, block_skips, temb, context, upsample_size=size)
+            features.append(x)  # after the upsampler
         eps = self.conv_out(F.silu(self.conv_norm_out(x)))
         return (eps, features) if return_features else eps
 
@@ -226,7 +193,7 @@ class MoebiusUNet(nn.Module):
         self._check_inputs(sample, input_ids)
         timesteps = expand_timesteps(timesteps, sample.shape[0], sample.device)
         context = self.embedding_layer(input_ids)  # (B, l, encoder_hid_dim)
-        return self.diff_model(sample, timesteps, context, return_features)
+        return self.diff_model(sample, timesteps, context, return_features=return_features)
 
     def _check_inputs(self, sample: torch.Tensor, input_ids: torch.Tensor) -> None:
         cfg = self.config
@@ -243,7 +210,7 @@ class MoebiusUNet(nn.Module):
                 f"{sample.shape[-2]}x{sample.shape[-1]} latent. Resize or crop to the native size "
                 "(InpaintPipeline's size strategies do this for any image)."
             )
-        b, n = sample.shape[0], cfg.context_len
+        b, n = sample.shape[0], cfg.num_context_tokens
         if input_ids.shape != (b, n) or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"input_ids must be an integer tensor of shape [B, {n}] = [{b}, {n}], got "

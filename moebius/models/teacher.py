@@ -10,7 +10,6 @@ masked-image latent (4); output is the epsilon prediction [B, 4, h, w]. Any late
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,15 @@ from torch import nn
 from moebius.models.blocks import Downsample2D, Upsample2D
 from moebius.models.embeddings import TimestepEmbedding, expand_timesteps, timestep_sinusoid
 from moebius.models.gla import set_gla_kernel
+from moebius.models.original_config import read_original
 from moebius.models.teacher_blocks import ResnetBlock2D, Transformer2D
+
+# Original model keys that only restate the PixelHacker architecture (see `from_original`).
+ORIGINAL_FIXED = {
+    "model_type": "UNet2DGLAConditionModel",
+    "use_gated_cross_attn": False,
+    "transformer_layers_per_block": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -74,44 +81,11 @@ class PixelHackerConfig:
 
     @classmethod
     def from_original(cls, cfg: dict[str, Any], num_embeddings: int = 20) -> PixelHackerConfig:
-        """Config from the original YAML dict (sections `data`, `vae`, `model`).
+        """Config from the original YAML dict (sections `data`, `vae`, `model`); unknown keys raise.
 
-        sample_size = data.image_size // vae.downsample_ratio. Unknown model keys are an error
-        (ignoring one could silently build another network); data/vae keys we do not need are
-        ignored since they describe the data pipeline.
+        sample_size = data.image_size // vae.downsample_ratio; see `original_config.read_original`.
         """
-        missing = [section for section in ("data", "vae", "model") if section not in cfg]
-        if missing:
-            raise ValueError(f"original config lacks section(s) {missing}; it has {sorted(cfg)}")
-        model = dict(cfg["model"])
-        model_type = model.pop("model_type", "UNet2DGLAConditionModel")
-        if model_type != "UNet2DGLAConditionModel":
-            raise ValueError(
-                f"model_type {model_type!r} is not the PixelHacker teacher "
-                "(expected 'UNet2DGLAConditionModel')"
-            )
-        fixed = {
-            "encoder_hid_dim_type": "text_proj",
-            "use_gated_cross_attn": False,
-            "use_linear_projection": False,
-            "transformer_layers_per_block": 1,
-        }
-        for key, value in fixed.items():
-            if model.pop(key, value) != value:
-                raise ValueError(f"model.{key} must be {value!r} for the PixelHacker teacher")
-        model.pop("projection_class_embeddings_input_dim", None)  # dead: no class embedding
-        renames = {"attention_head_dim": "num_attention_heads"}  # really the number of heads
-        fields = {f.name for f in dataclasses.fields(cls)} - {"sample_size", "num_embeddings"}
-        unknown = sorted(set(model) - fields - set(renames))
-        if unknown:
-            raise ValueError(
-                f"unsupported model keys {unknown}; supported: {sorted(fields | set(renames))}"
-            )
-        kwargs = {
-            renames.get(k, k): tuple(v) if isinstance(v, list) else v for k, v in model.items()
-        }
-        sample_size = cfg["data"]["image_size"] // cfg["vae"]["downsample_ratio"]
-        return cls(**kwargs, sample_size=sample_size, num_embeddings=num_embeddings)
+        return cls(**read_original(cls, cfg, fixed=ORIGINAL_FIXED, num_embeddings=num_embeddings))
 
 
 def _resnet(c: PixelHackerConfig, in_channels: int, out_channels: int) -> ResnetBlock2D:
@@ -136,17 +110,24 @@ def _transformer(c: PixelHackerConfig, channels: int) -> Transformer2D:
 class DownBlock(nn.Module):
     """`layers_per_block` x (resnet [+ transformer]), then an optional stride-2 downsampler."""
 
-    def __init__(self, c: PixelHackerConfig, in_channels: int, out_channels: int, last: bool):
+    def __init__(
+        self,
+        c: PixelHackerConfig,
+        in_channels: int,
+        out_channels: int,
+        *,
+        attention: bool,
+        downsample: bool,
+    ):
         super().__init__()
-        # The deepest level (`last`) has neither attention nor a downsampler (SD 1.5 DownBlock2D).
         n = c.layers_per_block
         self.attentions = nn.ModuleList(
-            [] if last else [_transformer(c, out_channels) for _ in range(n)]
+            [_transformer(c, out_channels) for _ in range(n)] if attention else []
         )
         self.resnets = nn.ModuleList(
             [_resnet(c, in_channels if i == 0 else out_channels, out_channels) for i in range(n)]
         )
-        self.downsamplers = None if last else nn.ModuleList([Downsample2D(out_channels)])
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if downsample else None
 
     def forward(self, x, emb, context):
         """x [B, C_in, H, W] -> (output, skips: every resnet/transformer/downsampler output)."""
@@ -187,13 +168,13 @@ class UpBlock(nn.Module):
         prev_channels: int,
         out_channels: int,
         skip_channels: list[int],
-        first: bool,
-        last: bool,
+        *,
+        attention: bool,
+        upsample: bool,
     ):
         super().__init__()
-        # The deepest level (`first`) has no attention (UpBlock2D); the last has no upsampler.
         self.attentions = nn.ModuleList(
-            [] if first else [_transformer(c, out_channels) for _ in skip_channels]
+            [_transformer(c, out_channels) for _ in skip_channels] if attention else []
         )
         self.resnets = nn.ModuleList(
             [
@@ -201,16 +182,16 @@ class UpBlock(nn.Module):
                 for i, skip in enumerate(skip_channels)
             ]
         )
-        self.upsamplers = None if last else nn.ModuleList([Upsample2D(out_channels)])
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
 
-    def forward(self, x, skips: list[torch.Tensor], emb, context):
-        """x [B, C_prev, H, W]; pops one skip per resnet (last in, first out) -> [B, C_out, ...]."""
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), emb)  # up path first, then skip
+    def forward(self, x, skips: list[torch.Tensor], emb, context, *, upsample_size=None):
+        """x [B, C_prev, H, W]; `skips` in push order, the last consumed first -> [B, C_out, ..]."""
+        for i, (resnet, skip) in enumerate(zip(self.resnets, reversed(skips), strict=True)):
+            x = resnet(torch.cat([x, skip], dim=1), emb)  # up path first, then skip
             if self.attentions:
                 x = self.attentions[i](x, context)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x, size=skips[-1].shape[-2:])  # to the next skip's size
+            x = self.upsamplers[0](x, size=upsample_size)  # to the next skip's size
         return x
 
 
@@ -227,14 +208,20 @@ class GLAUNet(nn.Module):
         self.down_blocks = nn.ModuleList()
         self.up_blocks = nn.ModuleList()
         skip_channels = [widths[0]]  # widths of the skips the down path pushes, conv_in first
+        # The deepest level has no attention (SD 1.5 DownBlock2D / UpBlock2D); the down path has
+        # no downsampler there, the up path none at the top.
         for i, width in enumerate(widths):
             last = i == levels - 1
-            self.down_blocks.append(DownBlock(c, widths[max(i - 1, 0)], width, last))
+            self.down_blocks.append(
+                DownBlock(c, widths[max(i - 1, 0)], width, attention=not last, downsample=not last)
+            )
             skip_channels += [width] * (c.layers_per_block + (not last))  # + downsampler output
         for i, width in enumerate(reversed(widths)):
             prev = widths[levels - max(i, 1)]  # width coming up from the level below
-            skips = [skip_channels.pop() for _ in range(c.layers_per_block + 1)]
-            self.up_blocks.append(UpBlock(c, prev, width, skips, i == 0, i == levels - 1))
+            skips = [skip_channels.pop() for _ in range(c.layers_per_block + 1)]  # consumed order
+            self.up_blocks.append(
+                UpBlock(c, prev, width, skips, attention=i > 0, upsample=i < levels - 1)
+            )
         self.mid_block = MidBlock(c)
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, widths[0], eps=c.norm_eps)
         self.conv_act = nn.SiLU()
@@ -262,7 +249,10 @@ class GLAUNet(nn.Module):
         x = self.mid_block(x, emb, context)
         features.append(x)
         for block in self.up_blocks:
-            x = block(x, skips, emb, context)
+            n = len(block.resnets)
+            skips, block_skips = skips[:-n], skips[-n:]
+            size = tuple(skips[-1].shape[-2:]) if skips else None  # odd sizes line up
+            x = block(x, block_skips, emb, context, upsample_size=size)
             features.append(x)  # after the upsampler
         eps = self.conv_out(self.conv_act(self.conv_norm_out(x)))
         return eps, features
