@@ -40,7 +40,7 @@ def build(weights: Path | None) -> MoebiusUNet:
 
 def guided_inputs(config: MoebiusConfig, batch: int):
     """Noisy latent | mask | masked latent, t = 900, the negative then the conditional ids."""
-    s, half = config.sample_size, config.context_len
+    s, half = config.sample_size, config.num_context_tokens
     gen = torch.Generator().manual_seed(0)
     sample = torch.randn(batch, config.in_channels, s, s, generator=gen)
     ids = torch.tensor(
@@ -77,7 +77,8 @@ def main() -> None:
     with torch.inference_mode():
         ref = plain(sample, t, ids)
         accuracy = {n: compare(m(sample.to(dtypes[n]), t, ids), ref) for n, m in models.items()}
-        calls = {n: (lambda m=m, x=sample.to(dtypes[n]): m(x, t, ids)) for n, m in models.items()}
+        inputs = {n: sample.to(dtypes[n]) for n in models}
+        calls = {n: (lambda m=m, x=inputs[n]: m(x, t, ids)) for n, m in models.items()}
         timing = interleaved(calls, args.runs)
         rates = {d: matmul_gflops(d) for d in set(dtypes.values())}
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from moebius import hub, images, masks, strategies
 from moebius import vae as vae_lib
 from moebius.models import checkpoints
+from moebius.models.optimize import optimize as optimize_model
 from moebius.options import DEFAULT_MODEL
 from moebius.recipe import (  # noqa: F401 (public names of the pipeline API)
     NOISE_KEYS,
@@ -104,6 +105,8 @@ class InpaintPipeline:
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write unet/ (config.json + model.safetensors), vae/ and scheduler/ under `directory`."""
+        if getattr(self.unet, "optimized_dtype", None) is not None:
+            raise ValueError("an optimize()d pipeline holds folded weights: save the plain one")
         directory = Path(directory)
         checkpoints.save_pretrained(self.unet, directory / hub.UNET_FOLDER)
         self.vae.save_pretrained(directory / hub.VAE_FOLDER, safe_serialization=True)
@@ -118,6 +121,12 @@ class InpaintPipeline:
             module.to(device=device)
             if dtype is not None and dtype != next(module.parameters()).dtype:
                 module.to(dtype=dtype)
+        return self
+
+    def optimize(self, dtype: torch.dtype | None = None) -> InpaintPipeline:
+        """Swap in the fast UNet (`moebius.models.optimize`): same outputs in float32, or
+        bfloat16 / float16 where the device runs it natively; the VAE stays as it is."""
+        self.unet = optimize_model(self.unet, dtype)
         return self
 
     @property

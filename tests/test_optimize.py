@@ -4,17 +4,22 @@ import json
 import logging
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import shared_path
+from PIL import Image
 from safetensors.torch import load_file
+from test_pipeline import tiny_pipeline
 
+from moebius.cli import main
 from moebius.models import MoebiusConfig, MoebiusUNet, PixelHackerConfig, PixelHackerUNet, optimize
-from moebius.models.blocks import DepthwiseSeparableConv
+from moebius.models.blocks import DepthwiseSeparableConv, Upsample2D
 from moebius.models.lambda_layers import CrossLambda, SelfLambda
 from moebius.models.optimize import (
     FastCrossLambda,
     FastSelfLambda,
+    FastUpsample2D,
     fold_separable_conv,
     resolve_dtype,
 )
@@ -39,7 +44,7 @@ def _randomize_batchnorms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Mod
 
 def _guided_inputs(config: MoebiusConfig, batch: int = 2, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    s, half = config.sample_size, config.context_len
+    s, half = config.sample_size, config.num_context_tokens
     sample = torch.randn(batch, config.in_channels, s, s, generator=gen)
     ids = torch.tensor([list(range(half, 2 * half)), list(range(half))] * (batch // 2))
     return sample, torch.tensor([900]), ids
@@ -76,6 +81,34 @@ def test_fast_self_lambda_matches(channels_last):
         out = fast(x)
     assert out.shape == ref.shape
     assert (out - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("size", [None, (14, 12), (15, 12)])
+def test_fast_upsample_matches_nearest_then_conv(size):
+    """Sub-pixel 2x2 form of nearest-2x + 3x3 conv; other target sizes take the plain path."""
+    torch.manual_seed(0)
+    plain = Upsample2D(16).eval()
+    fast = FastUpsample2D(plain)
+    x = torch.randn(2, 16, 7, 6)
+    with torch.no_grad():
+        ref = plain(x, size=size)
+        out = fast(x.contiguous(memory_format=torch.channels_last), size=size)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("side", [8, 32])  # bf16 maps of >= 1024 positions use the depthwise form
+def test_fast_self_lambda_both_conv_forms(dtype, side):
+    torch.manual_seed(0)
+    layer = _randomize_batchnorms(SelfLambda(16, heads=2, dim_k=8, local_size=5))
+    x = torch.randn(2, 16, side, side)
+    fast = FastSelfLambda(layer).to(dtype)
+    with torch.no_grad():
+        ref = layer(x)
+        out = fast(x.to(dtype)).float()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < (1e-6 if dtype == torch.float32 else 2e-2)
 
 
 def test_fast_cross_lambda_matches_and_caches_per_context():
@@ -171,6 +204,41 @@ def test_fast_path_matches_parity_reference(name):
         if f"block_outputs.{i}" in outputs:
             ref = outputs[f"block_outputs.{i}"]
             assert (feat - ref).abs().max() < FP32_TOL * ref.abs().max(), f"block {i}"
+
+
+def _photo_and_mask(size: int = 128) -> tuple[Image.Image, Image.Image]:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    mask = np.zeros((size, size), np.uint8)
+    mask[40:90, 30:100] = 255
+    return image, Image.fromarray(mask)
+
+
+def test_pipeline_optimize_same_images_and_refuses_saving(tmp_path):
+    plain = tiny_pipeline()
+    _randomize_batchnorms(plain.unet)
+    image, mask = _photo_and_mask()
+    draws = plain.draw_noise(1, generator=torch.Generator().manual_seed(3))
+    ref = np.asarray(plain.run([image], [mask], noise=draws)[0], dtype=int)
+    fast = plain.optimize()
+    assert fast is plain and plain.unet.optimized_dtype == torch.float32
+    out = np.asarray(fast.run([image], [mask], noise=draws)[0], dtype=int)
+    assert np.abs(out - ref).max() <= 1  # uint8 rounding of a < 1e-4 difference
+    with pytest.raises(ValueError, match="save the plain one"):
+        fast.save_pretrained(tmp_path / "folded")
+
+
+def test_cli_fast_matches_plain(tmp_path):
+    weights = tiny_pipeline().save_pretrained(tmp_path / "weights")
+    image, mask = _photo_and_mask()
+    image.save(tmp_path / "a.png")
+    mask.save(tmp_path / "m.png")
+    common = ["--weights", weights, "--steps", "2", "-q", "--device", "cpu"]
+    for name, extra in [("plain", []), ("fast", ["--fast"])]:
+        args = ["inpaint", tmp_path / "a.png", tmp_path / "m.png", "-o", tmp_path / f"{name}.png"]
+        assert main([str(a) for a in [*args, *common, *extra]]) == 0
+    plain, fast = (np.asarray(Image.open(tmp_path / f"{n}.png"), int) for n in ("plain", "fast"))
+    assert np.abs(plain - fast).max() <= 1
 
 
 @pytest.mark.slow

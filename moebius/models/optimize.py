@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moebius.models.blocks import DepthwiseSeparableConv
+from moebius.models.blocks import DepthwiseSeparableConv, Upsample2D
 from moebius.models.lambda_layers import CrossLambda, SelfLambda
 
 logger = logging.getLogger(__name__)
@@ -112,10 +112,15 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 class FastSelfLambda(nn.Module):
     """`SelfLambda` with folded norms, a fused q|k|v projection and copy-free position lambdas.
 
-    y_n = q_n^T (lambda_c + lambda_p,n) is one batched (h x k) @ (k x v) matmul per position once
-    the position conv writes lambda_p in (B, n, v, k) order: a depthwise conv with groups = v and
-    the k kernels repeated per value channel does exactly that in channels-last memory.
+    y_n = q_n^T (lambda_c + lambda_p,n) is one (h x k) @ (k x v) matmul per position once the
+    position conv writes lambda_p with k innermost (channels-last output), so no (B, k, v, n)
+    tensor is ever permuted.  Two forms of the conv, picked by measurement (bench/unet_step.py):
+    the released one (value channels folded into the batch -> (B, v, n, k)), fastest in
+    float32 and on small maps, and a depthwise conv with the k kernels repeated per value
+    channel (groups = v -> (B, n, v, k)), fastest in bfloat16 on the 64x64 and 32x32 maps.
     """
+
+    DEPTHWISE_MIN_POSITIONS = 1024  # bf16 maps with at least this many positions use depthwise
 
     def __init__(self, layer: SelfLambda):
         super().__init__()
@@ -128,8 +133,24 @@ class FastSelfLambda(nn.Module):
             layer.to_q, torch.cat([wq, wk, wv]), torch.cat([bq, wk.new_zeros(k), bv])
         )
         pos = layer.pos_conv
-        self.register_buffer("pos_weight", pos.weight[:, :, 0].repeat(v, 1, 1, 1).detach())
-        self.register_buffer("pos_bias", pos.bias.repeat(v).detach())  # (v*k,): channel v_i*k+k_j
+        self.register_buffer("pos_weight", pos.weight[:, :, 0].detach().clone())  # (k, 1, r, r)
+        self.register_buffer("pos_bias", pos.bias.detach().clone())
+
+    def position_lambdas(self, values: torch.Tensor) -> torch.Tensor:
+        """values [B, v, H, W] -> lambda_p as a [B, n, v, k] tensor or strided view."""
+        b, v, hgt, wid = values.shape
+        k, pad = self.dim_k, self.pos_weight.shape[-1] // 2
+        if values.dtype != torch.float32 and hgt * wid >= self.DEPTHWISE_MIN_POSITIONS:
+            weight, bias = self.pos_weight.repeat(v, 1, 1, 1), self.pos_bias.repeat(v)
+            values = values.contiguous(memory_format=torch.channels_last)
+            pos = F.conv2d(values, weight, bias, padding=pad, groups=v)  # (B, v*k, H, W)
+            return _rows(pos).reshape(b, hgt * wid, v, k)
+        # One input channel: give it channels-last strides explicitly (for C = 1 the layouts
+        # coincide, and only these strides make oneDNN write the output channels-last).
+        folded = values.contiguous().view(b * v, 1, hgt, wid)
+        folded = folded.as_strided(folded.shape, (hgt * wid, 1, wid, 1))
+        pos = F.conv2d(folded, self.pos_weight, self.pos_bias, padding=pad)  # (B*v, k, H, W)
+        return _rows(pos).reshape(b, v, hgt * wid, k).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C, H, W] -> [B, C, H, W] (channels-last)."""
@@ -138,15 +159,14 @@ class FastSelfLambda(nn.Module):
         q, keys, values = self.to_qkv(x).split([h * k, k, v], dim=1)
         # Softmax over positions and the content-lambda sum over n in float32 (bf16-safe).
         keys = keys.flatten(2).float().softmax(dim=-1)  # (B, k, n)
-        content = torch.bmm(keys, _rows(values).float())  # (B, k, v)
-        values = values.contiguous(memory_format=torch.channels_last)
-        r = self.pos_weight.shape[-1]
-        pos = F.conv2d(values, self.pos_weight, self.pos_bias, padding=r // 2, groups=v)
-        pos = _rows(pos).reshape(b, n, v, k)  # (B, n, v, k); a view of channels-last output
-        pos = pos + content.transpose(1, 2)[:, None].to(pos.dtype)  # lambda_c + lambda_p,n
-        q = _rows(q).reshape(b * n, h, k)  # (B*n, h, k)
-        y = torch.bmm(q, pos.reshape(b * n, v, k).transpose(1, 2))  # (B*n, h, v)
-        return y.view(b, hgt, wid, h * v).permute(0, 3, 1, 2)
+        content = torch.bmm(keys, _rows(values).float()).to(x.dtype)  # (B, k, v)
+        pos = self.position_lambdas(values)  # (B, n, v, k), maybe a strided view
+        # lambda_c + lambda_p,n written into contiguous (B, n, v, k): the one layout pass.
+        lambdas = torch.empty((b, n, v, k), dtype=pos.dtype, device=pos.device)
+        torch.add(pos, content.transpose(1, 2)[:, None], out=lambdas)
+        q = _rows(q).reshape(b * n, h, k)
+        y = torch.bmm(q, lambdas.view(b * n, v, k).transpose(1, 2))  # (B*n, h, v)
+        return y.view(b, hgt, wid, h * v).permute(0, 3, 1, 2)  # (B*n, h, v) -> channels-last
 
 
 class FastCrossLambda(nn.Module):
@@ -198,6 +218,44 @@ class FastCrossLambda(nn.Module):
         return y.view(b, hgt, wid, h * v).permute(0, 3, 1, 2)
 
 
+# ----------------------------------------------------------------------------- upsampler
+# Nearest 2x upsampling then a 3x3 conv reads, for output row 2i + a, the source rows
+# i - 1, i (a = 0: kernel rows {0}, {1, 2}) or i, i + 1 (a = 1: kernel rows {0, 1}, {2}).
+# SUBPIXEL_TAPS[a, t, u] = 1 when 3x3 kernel row u lands on 2x2 tap t of phase a.
+SUBPIXEL_TAPS = torch.tensor([[[1.0, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]])
+
+
+class FastUpsample2D(nn.Module):
+    """`Upsample2D` (nearest 2x + 3x3 conv) as one 2x2 conv on the source grid: 4/9 of the FLOPs.
+
+    Each of the 4 output phases (a, b) is a 2x2 conv of the zero-padded source with summed
+    kernel taps; the phases are interleaved back into the 2H x 2W output.  Other target sizes
+    (odd skips) run the plain nearest + 3x3 path.
+    """
+
+    def __init__(self, up: nn.Module):
+        super().__init__()
+        self.conv = up.conv
+        taps = SUBPIXEL_TAPS.to(self.conv.weight.dtype)
+        w = self.conv.weight.detach().double()  # (Co, Ci, 3, 3)
+        w4 = torch.einsum("aiy,bjx,ocyx->abocij", taps.double(), taps.double(), w)
+        self.register_buffer("weight", w4.flatten(0, 2).to(self.conv.weight.dtype))  # (4Co,Ci,2,2)
+        self.register_buffer("bias", self.conv.bias.detach().repeat(4))
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        b, _, hgt, wid = x.shape
+        if size is not None and tuple(size) != (2 * hgt, 2 * wid):
+            return self.conv(F.interpolate(x, size=size, mode="nearest"))
+        z = F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias)  # (B, 4Co, H+1, W+1)
+        z = z.unflatten(1, (2, 2, -1))  # (B, a, b, Co, H+1, W+1)
+        shape = (b, z.shape[3], 2 * hgt, 2 * wid)
+        out = torch.empty(shape, dtype=z.dtype, device=z.device, memory_format=torch.channels_last)
+        for a in (0, 1):
+            for c in (0, 1):
+                out[:, :, a::2, c::2] = z[:, a, c, :, a : a + hgt, c : c + wid]
+        return out
+
+
 # ----------------------------------------------------------------------------- layout
 class ChannelsLastIn(nn.Module):
     """Runs `module` on a channels-last (and `dtype`) copy of its NCHW input."""
@@ -241,7 +299,7 @@ def _to_channels_last(model: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------- entry point
 def optimize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """An optimised inference copy of a Moebius student or PixelHacker teacher; `model` is untouched.
+    """An optimised inference copy of a student or teacher UNet; `model` itself is untouched.
 
     Same outputs as the plain model within float32 rounding (dtype None / float32), or a
     reduced-precision copy (bfloat16 / float16) where the device runs it natively.
@@ -260,6 +318,7 @@ def optimize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
                 fold_separable_conv(module)
         _replace(fast, SelfLambda, FastSelfLambda)
         _replace(fast, CrossLambda, FastCrossLambda)
+        _replace(fast, Upsample2D, FastUpsample2D)
         unet = fast.diff_model
         unet.conv_in, unet.conv_out = ChannelsLastIn(unet.conv_in), ContiguousOut(unet.conv_out)
         _to_channels_last(fast)
