@@ -11,6 +11,7 @@ plain_fp32, and peak RSS.
 
     python bench/unet_step.py --runs 5 --out bench/results/unet_step_cpu.json
     python bench/unet_step.py --weights ../shared/reference/parity --runs 3
+    python bench/unet_step.py --device cuda --runs 20   # adds fast_fp16 (not yet measured)
 """
 
 import argparse
@@ -61,26 +62,30 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, help="reference folder; default random full-size")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch", type=int, default=2, help="2 = one image with guidance")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
 
-    plain = build(args.weights)
+    plain = build(args.weights).to(args.device)
     config = plain.config
-    sample, t, ids = guided_inputs(config, args.batch)
+    sample, t, ids = (x.to(args.device) for x in guided_inputs(config, args.batch))
     models = {"plain_fp32": plain, "fast_fp32": optimize(plain)}
-    if cpu_has_fast_bf16():
+    if args.device != "cpu" or cpu_has_fast_bf16():
         models["fast_bf16"] = optimize(plain, torch.bfloat16)
+    if args.device != "cpu":
+        models["fast_fp16"] = optimize(plain, torch.float16)
     dtypes = {name: next(m.parameters()).dtype for name, m in models.items()}
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
 
     with torch.inference_mode():
         ref = plain(sample, t, ids)
         accuracy = {n: compare(m(sample.to(dtypes[n]), t, ids), ref) for n, m in models.items()}
         inputs = {n: sample.to(dtypes[n]) for n in models}
         calls = {n: (lambda m=m, x=inputs[n]: m(x, t, ids)) for n, m in models.items()}
-        timing = interleaved(calls, args.runs)
-        rates = {d: matmul_gflops(d) for d in set(dtypes.values())}
+        timing = interleaved(calls, args.runs, sync)
+        rates = {d: matmul_gflops(d, args.device) for d in set(dtypes.values())}
 
     flops = count_flops(config, args.batch)
     base = timing["plain_fp32"]["median_s"]
@@ -98,12 +103,13 @@ def main() -> None:
     emit(
         {
             "benchmark": "unet_step",
-            **device_info(),
+            **device_info(args.device),
             "weights": str(args.weights or "random full-size (seed 0)"),
             "input_shape": list(sample.shape),
             "gflop_per_step": flops / 1e9,
             "matmul_gflop_per_s": {str(d).removeprefix("torch."): r for d, r in rates.items()},
             "peak_rss_gib": peak_rss_gib(),
+            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if sync else None,
             **machine_state(),
             "results": results,
         },
