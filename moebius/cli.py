@@ -20,7 +20,6 @@ logger = logging.getLogger("moebius")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MASK_SUFFIX = "_mask"  # NAME.png's mask is MASK_DIR/NAME_mask.png or MASK_DIR/NAME.png
-NO_ALPHA_EXTENSIONS = (".jpg", ".jpeg")
 # CLI option -> pipeline keyword. Options left unset (None) take the pipeline's defaults, which
 # are the original recipe's: the numbers live there only.
 PIPELINE_OPTIONS = {
@@ -137,12 +136,8 @@ def _inpaint_one(pipe, job: Job, args) -> None:
         invert_mask=args.invert_mask, resize_mask=args.resize_mask, paste=not args.no_paste,
         compensate=args.compensate, generator=torch.Generator().manual_seed(args.seed),
     )  # fmt: skip
-    if job.out.suffix.lower() in NO_ALPHA_EXTENSIONS and result.mode in ("RGBA", "LA"):
-        logger.warning("%s: JPEG has no alpha channel; the alpha of the input is dropped "
-                       "(write .png to keep it)", job.out.name)  # fmt: skip
-        result = result.convert("RGB" if result.mode == "RGBA" else "L")
     job.out.parent.mkdir(parents=True, exist_ok=True)
-    save_image_atomic(result, job.out)
+    save_image_atomic(result, job.out, drop_alpha=True)  # JPEG: warn, write without alpha
 
 
 def cmd_inpaint(args) -> int:

@@ -21,10 +21,10 @@ logger = logging.getLogger(__name__)
 
 # Modes that carry an alpha channel we keep aside and re-attach untouched.
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-# High-bit-depth greyscale modes: full range of the type, scaled to 0..255 (see `gray_to_8bit`).
-_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# High-bit-depth greyscale modes -> bits per pixel; scaled to 0..255 on input (`gray_to_8bit`).
+HIGH_BIT_DEPTH = {"I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 32, "F": 32}
 # Formats that cannot store an alpha channel (PIL names, as in `Image.registered_extensions()`).
-_NO_ALPHA_FORMATS = ("JPEG", "JPEG2000", "MPO")
+NO_ALPHA_FORMATS = ("JPEG", "JPEG2000", "MPO")
 
 
 class ImageError(ValueError):
@@ -43,7 +43,7 @@ class ImageInfo:
     @property
     def grayscale(self) -> bool:
         """True for single-channel inputs (1, L, LA, I;16, I, F)."""
-        return self.mode in ("1", "L", "LA", "La", *_HIGH_DEPTH_MODES)
+        return self.mode in ("1", "L", "LA", "La", *HIGH_BIT_DEPTH)
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -94,13 +94,11 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, ImageInfo]:
     colour management). 16-bit and 32-bit greyscale are scaled to 8 bits (see `gray_to_8bit`).
     """
     mode = image.mode
-    bit_depth = {"1": 1, "I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 32, "F": 32}
-    info = ImageInfo(
-        mode=mode, size=image.size, alpha=alpha_channel(image), bit_depth=bit_depth.get(mode, 8)
-    )
+    bit_depth = {"1": 1, **HIGH_BIT_DEPTH}.get(mode, 8)
+    info = ImageInfo(mode=mode, size=image.size, alpha=alpha_channel(image), bit_depth=bit_depth)
     if mode == "RGB":
         return image.copy(), info
-    if mode in _HIGH_DEPTH_MODES:
+    if mode in HIGH_BIT_DEPTH:
         return gray_to_8bit(image).convert("RGB"), info
     if mode == "P" and info.alpha is not None:
         return image.convert("RGBA").convert("RGB"), info
@@ -116,6 +114,9 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, ImageInfo]:
 
 def restore(result_rgb: Image.Image, info: ImageInfo) -> Image.Image:
     """The model's RGB result -> the input's mode where an output file can hold it.
+
+    Takes ownership of `result_rgb`: an RGB(A) output is `result_rgb` itself (alpha attached in
+    place), so a 12000 x 12000 result is not copied once more.
 
     Rules (input mode -> output mode):
       RGB -> RGB; RGBA / RGBa / P with transparency -> RGBA and LA / La / PA -> LA (RGBA for PA),
@@ -136,23 +137,29 @@ def restore(result_rgb: Image.Image, info: ImageInfo) -> Image.Image:
         if info.alpha is not None:
             out.putalpha(info.alpha)  # L -> LA
         return out
-    out = result_rgb.copy()
     if info.alpha is not None:
-        out.putalpha(info.alpha)  # RGB -> RGBA
-    return out
+        result_rgb.putalpha(info.alpha)  # RGB -> RGBA, in place
+    return result_rgb
+
+
+def to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> [B, 3, H, W] float32 in [-1, 1], bit-exact with the original recipe.
+
+    `x / 255. * 2 - 1` is computed by numpy in float64 and cast to float32 last. The batch is
+    contiguous NCHW, as the original's (a torch.cat of its images): the VAE's convolutions round
+    differently on a channels_last input, by up to 3e-4 in the latents.
+    """
+    if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
+        raise ValueError(f"to_tensor expects uint8 [B, H, W, 3], got {pixels.dtype} {pixels.shape}")
+    values = pixels / 255.0 * 2 - 1  # (B, H, W, 3) float64
+    return torch.from_numpy(values).permute(0, 3, 1, 2).to(torch.float32).contiguous()
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB image -> [1, 3, H, W] float32 in [-1, 1], bit-exact with the original recipe.
-
-    `x / 255. * 2 - 1` is computed by numpy in float64 and cast to float32 last. The tensor keeps
-    the HWC memory layout (channels_last strides) like the original: `randn_like` on latents
-    derived from it fills memory in that order, so the layout matters for reproducing draws.
-    """
+    """RGB image -> [1, 3, H, W] float32 in [-1, 1] (see `to_tensor`)."""
     if img.mode != "RGB":
         raise ValueError(f"pil_to_tensor expects an RGB image, got mode {img.mode!r}; use to_rgb")
-    pixels = np.asarray(img) / 255.0 * 2 - 1  # (H, W, 3) float64
-    return torch.from_numpy(pixels).permute(2, 0, 1)[None].to(torch.float32)  # (1, 3, H, W)
+    return to_tensor(np.asarray(img)[None])
 
 
 def tensor_to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -176,20 +183,27 @@ def _format_for(path: Path, save_kwargs: dict) -> str:
     return fmt
 
 
-def save_image_atomic(image: Image.Image, path: str | os.PathLike, **save_kwargs) -> None:
+def save_image_atomic(
+    image: Image.Image, path: str | os.PathLike, *, drop_alpha: bool = False, **save_kwargs
+) -> None:
     """Write `image` to `path` via a temporary file in the same folder and `os.replace`.
 
     A crash or a failed encode never leaves a partial file at `path`. The format comes from the
     extension (or `format=`). An image with alpha (RGBA, LA, PA) to a format without alpha (JPEG)
-    raises ImageError suggesting .png, rather than silently dropping the alpha: convert to RGB
-    first if that is what you want. A new file gets permissions 0o644, an existing one keeps its.
+    raises ImageError suggesting .png, rather than silently dropping the alpha; `drop_alpha=True`
+    drops it with a logged warning instead (RGB or L is written). A new file gets permissions
+    0o644, an existing one keeps its.
     """
     path = Path(path)
     save_kwargs = dict(save_kwargs)
     fmt = _format_for(path, save_kwargs)
     save_kwargs["format"] = fmt
     has_alpha = image.mode in _ALPHA_MODES or alpha_channel(image) is not None
-    if fmt in _NO_ALPHA_FORMATS and has_alpha:
+    if fmt in NO_ALPHA_FORMATS and has_alpha and drop_alpha:
+        logger.warning("%s: %s has no alpha channel; the alpha is dropped (write .png to keep it)",
+                       path.name, fmt)  # fmt: skip
+        image = image.convert("L" if image.mode in ("LA", "La") else "RGB")
+    elif fmt in NO_ALPHA_FORMATS and has_alpha:
         raise ImageError(
             f"cannot save mode {image.mode!r} (with alpha) as {fmt} to {str(path)!r}: {fmt} has "
             "no alpha channel; save as .png to keep it, or convert the image to RGB first"

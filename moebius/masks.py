@@ -1,8 +1,8 @@
-"""Masks: binarise (polarity, threshold), dilate, shrink to the latent grid, and paste back.
+"""Masks: binarise (polarity, threshold, modes, size), dilate, shrink to the latent grid.
 
 Polarity everywhere in the package: True / 255 / white = hole to fill, False / 0 = keep (as
-IOPaint and the original release). `paste` and `paste_compensate` are the original recipe's
-post-processing (spec/pipeline.md 4.5), bit-exact with shared/reference/pipeline_vector.
+IOPaint and the original release). `prepare_mask` is the one place a mask is thresholded: the
+pipeline calls it once per image, and everything downstream works on its bool array.
 """
 
 from __future__ import annotations
@@ -12,15 +12,13 @@ import logging
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image
 
-from moebius.images import alpha_channel, gray_to_8bit, to_rgb
+from moebius.images import HIGH_BIT_DEPTH, alpha_channel, gray_to_8bit, to_rgb
 
 logger = logging.getLogger(__name__)
 
 MASK_THRESHOLD = 127.5  # 8-bit mask value: below -> keep, at or above -> fill (the original's rule)
-PASTE_BLUR_RADIUS = 3  # PIL GaussianBlur radius of the original's paste-back feather
-COMPENSATE_RING = 10  # the compensation ring box is the hole's bbox grown by this (h+10, w+10)
 
 
 class MaskError(ValueError):
@@ -38,7 +36,7 @@ def _mask_to_gray(mask: Image.Image) -> Image.Image:
     """
     if mask.mode in ("1", "L"):
         return mask.convert("L")
-    if mask.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+    if mask.mode in HIGH_BIT_DEPTH:
         return gray_to_8bit(mask)
     alpha = alpha_channel(mask)
     if alpha is not None and alpha.getextrema()[0] != alpha.getextrema()[1]:
@@ -137,7 +135,7 @@ def prepare_mask(
         fill = np.asarray(mask_to_image(fill).resize(tuple(size), Image.Resampling.NEAREST)) > 0
     if invert:
         fill = ~fill
-    return dilate(fill, dilation)
+    return dilate(fill, dilation) if dilation else fill
 
 
 def mask_to_image(mask_bool: np.ndarray) -> Image.Image:
@@ -154,67 +152,3 @@ def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     if mask.ndim != 4 or mask.shape[1] != 1:
         raise ValueError(f"latent_mask expects [B, 1, H, W], got {tuple(mask.shape)}")
     return F.interpolate(mask, size=tuple(latent_hw))
-
-
-def soft_paste_mask(mask_L: Image.Image, radius: float = PASTE_BLUR_RADIUS) -> np.ndarray:
-    """'L' {0, 255} mask -> float64 [H, W, 3] feather in [0, 1]: PIL GaussianBlur(3) / 255."""
-    blurred = mask_L.convert("RGB").filter(ImageFilter.GaussianBlur(radius=radius))
-    return np.asarray(blurred) / 255
-
-
-def _check_paste_inputs(result: np.ndarray, input_image: np.ndarray, mask_L: Image.Image) -> None:
-    """Same [H, W, 3] uint8 shapes for result and input, and a mask of the same size."""
-    h, w = input_image.shape[:2]
-    if result.shape != input_image.shape or result.shape != (h, w, 3) or mask_L.size != (w, h):
-        raise ValueError(
-            f"paste expects result and input uint8 [H, W, 3] of one shape and an 'L' mask of "
-            f"size (W, H); got {result.shape}, {input_image.shape} and {mask_L.size}"
-        )
-
-
-def paste(result_uint8: np.ndarray, input_uint8: np.ndarray, mask_L: Image.Image) -> np.ndarray:
-    """The original paste-back: result in the feathered hole, input outside (uint8, truncated)."""
-    _check_paste_inputs(result_uint8, input_uint8, mask_L)
-    soft = soft_paste_mask(mask_L)  # (H, W, 3)
-    # out = res * soft + (1 - soft) * input, all in [0, 1]; same operation order as the original.
-    return np.uint8(((result_uint8 / 255) * soft + (1 - soft) * (input_uint8 / 255)) * 255)
-
-
-def compensate_ring(hole: np.ndarray) -> np.ndarray:
-    """Ring of known pixels around the hole's bounding box, where colours are compared.
-
-    The bbox rows r0..r1 (height h = r1 - r0 + 1) is re-centred at cr = (r0 + r1) // 2 with height
-    nh = h + 10: rows [max(0, cr - nh//2), min(H-1, cr + nh//2)] inclusive, columns alike, minus
-    the hole. (The reference vectors, whose holes touch the borders, do not pin h vs r1 - r0.)
-    """
-    rows, cols = np.nonzero(hole.any(axis=1))[0], np.nonzero(hole.any(axis=0))[0]
-    if rows.size == 0:
-        return np.zeros_like(hole)
-    height, width = hole.shape
-    box = np.zeros_like(hole)
-    (r0, r1), (c0, c1) = (rows[0], rows[-1]), (cols[0], cols[-1])
-    cr, cc = (r0 + r1) // 2, (c0 + c1) // 2
-    nh, nw = r1 - r0 + 1 + COMPENSATE_RING, c1 - c0 + 1 + COMPENSATE_RING
-    top, bottom = max(0, cr - nh // 2), min(height - 1, cr + nh // 2)  # inclusive
-    left, right = max(0, cc - nw // 2), min(width - 1, cc + nw // 2)
-    box[top : bottom + 1, left : right + 1] = True
-    return box & ~hole
-
-
-def paste_compensate(
-    result_uint8: np.ndarray, input_uint8: np.ndarray, mask_L: Image.Image, factor: float = 1.1
-) -> np.ndarray:
-    """Paste with colour compensation: shift the fill by `factor` x (ring mean of input - result).
-
-    delta = mean_ring(input) - mean_ring(result) per channel (float64, 0..255 units);
-    out = uint8(clip((res/255 + factor*delta/255) * soft + (1 - soft) * input/255, 0, 1) * 255).
-    A hole without a ring (it covers the whole image) gets delta = 0, i.e. a plain paste.
-    """
-    _check_paste_inputs(result_uint8, input_uint8, mask_L)
-    ring = compensate_ring(np.asarray(mask_L) > 128)
-    delta = np.zeros(3)
-    if ring.any():
-        delta = input_uint8[ring].mean(axis=0) - result_uint8[ring].mean(axis=0)  # (3,)
-    soft = soft_paste_mask(mask_L)
-    blend = (result_uint8 / 255 + factor * delta / 255) * soft + (1 - soft) * input_uint8 / 255
-    return np.uint8(np.clip(blend, 0, 1) * 255)

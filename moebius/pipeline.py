@@ -1,9 +1,12 @@
-"""InpaintPipeline: the released recipe, prepare -> encode -> denoise -> decode -> composite.
+"""InpaintPipeline: normalise -> plan windows -> encode -> denoise -> decode -> composite.
 
 The network (student or teacher) only maps tensors to tensors; this file is the one place that
-knows images, masks, the VAE, the DDIM scheduler and classifier-free guidance. `run` is the
-original recipe at the model's native size (shared/spec/pipeline.md, section 4); `__call__` takes
-images of any size and mode and hands `run` native-size windows through `moebius.strategies`.
+knows the VAE, the DDIM scheduler and classifier-free guidance. `__call__` takes images of any
+size and mode: each image and mask is normalised once (`images.to_rgb`, `masks.prepare_mask`),
+`strategies.plan` lists the native-size windows that cover the mask, the windows of all images
+go through the tensor core `inpaint_tensors` in batches, and `composite.merge` pastes each
+result back at the input's resolution. `inpaint_tensors` is the original recipe on a native-size
+batch (shared/spec/pipeline.md, section 4), built from `encode`, `denoise` and `decode`.
 """
 
 from __future__ import annotations
@@ -19,18 +22,19 @@ from diffusers import DDIMScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
-from moebius import hub, images, masks, strategies
+from moebius import composite, hub, images, masks, options, strategies
 from moebius import vae as vae_lib
-from moebius.models import checkpoints
 from moebius.models.optimize import optimize as optimize_model
-from moebius.options import DEFAULT_MODEL
+from moebius.options import DEFAULT_MODEL, TASKS  # noqa: F401 (TASKS: public name)
+from moebius.pretrained import load_components, save_components
 from moebius.recipe import (  # noqa: F401 (public names of the pipeline API)
     NOISE_KEYS,
     NOISE_OFFSET,
-    TASKS,
     Recipe,
     category_ids,
+    draw_noise,
     make_scheduler,
+    schedule,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,14 +72,8 @@ class InpaintPipeline:
         "pixelhacker" (the teacher). `config` gives the architecture of a released .bin that has no
         config.json beside it (default: the released architecture of `model`).
         """
-        files = hub.resolve(
-            pretrained,
-            variant,
-            model=model or DEFAULT_MODEL,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            revision=revision,
-        )
+        files = hub.resolve(pretrained, variant, model=model or DEFAULT_MODEL, cache_dir=cache_dir,
+                            local_files_only=local_files_only, revision=revision)  # fmt: skip
         return cls.from_files(files, model=model, config=config)
 
     @classmethod
@@ -83,35 +81,13 @@ class InpaintPipeline:
         cls, files: hub.WeightFiles, *, model: str | None = None, config=None
     ) -> InpaintPipeline:
         """Build the pipeline from resolved weight files (see `moebius.hub.resolve`)."""
-        if files.unet_config is not None:
-            saved = checkpoints.load_config(files.unet_config.parent)
-            if config is not None and config != saved:
-                raise ValueError(f"config= differs from {files.unet_config}; drop one of them")
-            config = saved
-        config = config or checkpoints.released_config(model or DEFAULT_MODEL)
-        if model is not None and checkpoints.model_type_of(config) != model:
-            raise ValueError(
-                f"the weights are a {checkpoints.model_type_of(config)!r} model, "
-                f"not {model!r}; pass the matching model= / --model"
-            )
-        unet = checkpoints.load_into(checkpoints.build_model(config), files.unet_weights)
-        vae = vae_lib.load_vae(files.vae_dir)
-        scheduler = (
-            DDIMScheduler.from_pretrained(files.scheduler_dir)
-            if files.scheduler_dir is not None
-            else make_scheduler()
-        )
-        return cls(unet, vae, scheduler)
+        return cls(*load_components(files, model=model, config=config))
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write unet/ (config.json + model.safetensors), vae/ and scheduler/ under `directory`."""
         if getattr(self.unet, "optimized_dtype", None) is not None:
             raise ValueError("an optimize()d pipeline holds folded weights: save the plain one")
-        directory = Path(directory)
-        checkpoints.save_pretrained(self.unet, directory / hub.UNET_FOLDER)
-        self.vae.save_pretrained(directory / hub.VAE_FOLDER, safe_serialization=True)
-        self.scheduler.save_pretrained(directory / hub.SCHEDULER_FOLDER)
-        return directory
+        return save_components(self.unet, self.vae, self.scheduler, directory)
 
     def to(
         self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
@@ -174,9 +150,11 @@ class InpaintPipeline:
 
         Any size: `strategy` "crop" (default above native size) runs a native window around each
         mask region, "resize" fits the whole image to native, "native" needs native-size inputs.
-        Native-size inputs are batched straight into `run`. `task` "remove" fills with background,
-        "object" generates an object. `noise` (the four draws of one native batch, NOISE_KEYS)
-        replaces drawing from `generator` for exact reproduction of the original.
+        The windows of all images share batches of `batch_size`. `paste=False` returns the raw
+        generated pixels inside each window (at every size; pixels outside all windows are the
+        input's). `task` "remove" fills with background, "object" generates an object. `noise`
+        (the four draws of one batch holding every window of the call, NOISE_KEYS) replaces
+        drawing from `generator`, for exact reproduction of the original.
         """
         single = isinstance(image, Image.Image)
         image_list = [image] if single else list(image)
@@ -185,138 +163,95 @@ class InpaintPipeline:
             raise ValueError(
                 f"got {len(image_list)} images but {len(mask_list)} masks; pass one mask per image"
             )
-        hub.check_choice("strategy", strategy, strategies.STRATEGIES)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        options.validate(steps=steps, strength=strength, guidance_scale=guidance_scale,
+                         noise_offset=noise_offset, strategy=strategy, margin=margin,
+                         mask_dilation=mask_dilation, task=task, batch_size=batch_size)  # fmt: skip
         recipe = Recipe(steps, strength, guidance_scale, noise_offset, paste, compensate, task)
-
-        def run(windows: list[Image.Image], window_masks: list[Image.Image]) -> list[Image.Image]:
-            return self.run(windows, window_masks, recipe, generator=generator, noise=noise,
-                            callback=callback)  # fmt: skip
-
-        inputs = [images.to_rgb(im) for im in image_list]
-        fills = [
-            masks.prepare_mask(
-                m, rgb.size, invert=invert_mask, dilation=mask_dilation, resize=resize_mask
-            )
-            for m, (rgb, _) in zip(mask_list, inputs, strict=True)
-        ]
-        rgbs = [rgb for rgb, _ in inputs]
-        results = self._fill(rgbs, fills, run, strategy, margin, batch_size, noise is not None)
-        outputs = [
-            image_list[i].copy() if r is None else images.restore(r, inputs[i][1])
-            for i, r in enumerate(results)
-        ]
+        # Normalised once: the fill (the only threshold) and RGB, the latter only where work is.
+        fills = [masks.prepare_mask(m, im.size, invert=invert_mask, dilation=mask_dilation,
+                                    resize=resize_mask)
+                 for im, m in zip(image_list, mask_list, strict=True)]  # fmt: skip
+        plans = [strategies.plan(fill, self.native_size, strategy, margin) for fill in fills]
+        rgbs = [images.to_rgb(im) if plan else None
+                for im, plan in zip(image_list, plans, strict=True)]  # fmt: skip
+        windows = [(i, w) for i, plan in enumerate(plans) for w in plan]  # of every image
+        step = batch_size if noise is None else max(len(windows), 1)  # given draws: one batch
+        canvases = [rgb[0] if rgb else None for rgb in rgbs]
+        self._fill_windows(windows, canvases, fills, recipe, step,
+                           generator=generator, noise=noise, callback=callback)  # fmt: skip
+        outputs = [im.copy() if rgb is None else images.restore(*rgb)
+                   for im, rgb in zip(image_list, rgbs, strict=True)]  # fmt: skip
         return outputs[0] if single else outputs
 
-    def _fill(self, rgbs, fills, run, strategy, margin, batch_size, one_batch) -> list:
-        """Native-size images to `run` in batches, the rest via `strategies`; None = no hole."""
-        native = (self.native_size, self.native_size)
-        todo = [i for i, fill in enumerate(fills) if fill.any()]  # empty mask: nothing to do
-        direct = [i for i in todo if rgbs[i].size == native and strategy in ("auto", "native")]
-        if one_batch and direct != todo:
-            raise ValueError(
-                "noise= holds the draws of one native-size batch, so every image must be "
-                f"{native[0]}x{native[1]} with strategy 'auto' or 'native'; use "
-                "generator= for other sizes"
-            )
-        results: list[Image.Image | None] = [None] * len(rgbs)
-        step = max(len(direct), 1) if one_batch else batch_size
-        for start in range(0, len(direct), step):
-            chunk = direct[start : start + step]
-            outs = run([rgbs[i] for i in chunk], [masks.mask_to_image(fills[i]) for i in chunk])
-            for i, out in zip(chunk, outs, strict=True):
-                results[i] = out
-        for i in todo:
-            if results[i] is None:
-                results[i] = strategies.inpaint_any_size(
-                    rgbs[i], fills[i], self.native_size, run, strategy, margin,
-                    batch_size=batch_size,
-                )  # fmt: skip
-        return results
+    def _fill_windows(self, windows, canvases, fills, recipe, batch_size, **core_kwargs):
+        """Run (image index, window) pairs in batches; merge each result into its canvas."""
+        n = self.native_size
+        # Every input is cut before any result is merged, so overlapping windows see the input.
+        inputs = [composite.window_input(canvases[i], fills[i], w, n) for i, w in windows]
+        for start in range(0, len(windows), batch_size):
+            batch = slice(start, start + batch_size)
+            results = self.inpaint_arrays(inputs[batch], recipe, **core_kwargs)
+            for (i, window), result in zip(windows[batch], results, strict=True):
+                composite.merge(canvases[i], fills[i], window, result, n, paste=recipe.paste,
+                                compensate=recipe.compensate)  # fmt: skip
 
-    # ----------------------------------------------------------------------------- native size
-    @torch.inference_mode()
-    def run(
+    def inpaint_arrays(
         self,
-        image_list: Sequence[Image.Image],
-        mask_list: Sequence[Image.Image],
+        inputs: Sequence[tuple[np.ndarray, np.ndarray]],
+        recipe: Recipe = Recipe(),
+        **kwargs,
+    ) -> np.ndarray:
+        """(RGB uint8 [N,N,3], bool fill [N,N]) pairs -> raw results uint8 [B,N,N,3] (truncated)."""
+        image = images.to_tensor(np.stack([pixels for pixels, _ in inputs]))
+        fill = torch.from_numpy(np.stack([hole for _, hole in inputs]).astype(np.uint8))[:, None]
+        decoded = self.inpaint_tensors(image, fill, recipe, **kwargs)
+        return images.tensor_to_uint8((decoded + 1) / 2)  # the original's (x + 1) / 2, clamp
+
+    # ----------------------------------------------------------------------------- tensor core
+    @torch.inference_mode()
+    def inpaint_tensors(
+        self,
+        image: torch.Tensor,
+        fill: torch.Tensor,
         recipe: Recipe = Recipe(),
         *,
         generator: torch.Generator | None = None,
         noise: dict[str, torch.Tensor] | None = None,
         callback: StepCallback | None = None,
-    ) -> list[Image.Image]:
-        """The original recipe on a batch of native-size RGB images and masks (255 = fill)."""
-        image, mask = self.prepare(image_list, mask_list)
-        draws = self.draw_noise(image.shape[0], generator=generator, noise=noise)
-        latents, masked_latents = self.encode(image, mask, draws)
-        latent_mask = masks.latent_mask(mask.float(), latents.shape[-2:])
-        latents = self.denoise(latents, latent_mask, masked_latents, draws, recipe, callback)
-        decoded = self.decode(latents)
-        return self.composite(decoded, image_list, mask_list, recipe)
-
-    def prepare(
-        self, image_list: Sequence[Image.Image], mask_list: Sequence[Image.Image]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image [B,3,H,W] float32 in [-1,1] and hole mask [B,1,H,W] uint8 (1 = fill), on CPU."""
-        size = (self.native_size, self.native_size)
-        if len(image_list) != len(mask_list) or not image_list:
-            raise ValueError(
-                f"run needs as many masks as images (>= 1), got {len(image_list)} "
-                f"images and {len(mask_list)} masks"
-            )
-        for im in image_list:
-            if im.mode != "RGB" or im.size != size:
-                raise ValueError(
-                    f"run takes RGB images of the native size {size[0]}x{size[1]}, got "
-                    f"{im.mode} {im.size[0]}x{im.size[1]}; call the pipeline itself "
-                    "for other sizes and modes"
-                )
-        image = torch.cat([images.pil_to_tensor(im) for im in image_list])
-        fill = [masks.prepare_mask(m, size) for m in mask_list]  # thresholded at 127.5
-        mask = torch.from_numpy(np.stack(fill).astype(np.uint8))[:, None]  # (B, 1, H, W)
-        return image, mask
-
-    def draw_noise(
-        self,
-        batch: int,
-        *,
-        generator: torch.Generator | None = None,
-        noise: dict[str, torch.Tensor] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """The four N(0, I) draws (NOISE_KEYS order) from `generator`, or `noise` after a check."""
+    ) -> torch.Tensor:
+        """The recipe on a native batch: image [B,3,N,N] in [-1,1], fill [B,1,N,N] (1 = fill)
+        -> decoded [B,3,N,N] float32 in about [-1,1] (not clamped, nothing pasted)."""
         n = self.native_size
-        shape = vae_lib.latent_shape(self.vae, batch, n, n)
-        shapes = dict(zip(NOISE_KEYS, [shape, shape, shape, (*shape[:2], 1, 1)], strict=True))
-        if noise is not None and generator is not None:
-            raise ValueError("pass generator= (draw the noise) or noise= (given draws), not both")
-        if noise is None:
-            gen_device = generator.device if generator is not None else torch.device("cpu")
-            return {
-                k: torch.randn(s, generator=generator, device=gen_device) for k, s in shapes.items()
-            }
-        given = {k: tuple(v.shape) for k, v in noise.items()}
-        if given != {k: tuple(s) for k, s in shapes.items()}:
+        batch = image.shape[0]
+        if image.shape != (batch, 3, n, n) or fill.shape != (batch, 1, n, n):
             raise ValueError(
-                f"noise= must map exactly {list(NOISE_KEYS)} to shapes "
-                f"{[list(s) for s in shapes.values()]}, got {given}"
+                f"inpaint_tensors takes image [B, 3, {n}, {n}] and fill [B, 1, {n}, {n}], got "
+                f"{list(image.shape)} and {list(fill.shape)}; call the pipeline itself for "
+                "other sizes"
             )
-        return {k: noise[k].float() for k in NOISE_KEYS}
+        draws = self.draw_noise(batch, generator=generator, noise=noise)
+        latents, masked_latents = self.encode(image, fill, draws)
+        latent_mask = masks.latent_mask(fill.float(), latents.shape[-2:])
+        latents = self.denoise(latents, latent_mask, masked_latents, draws, recipe, callback)
+        return self.decode(latents)
+
+    def draw_noise(self, batch: int, **kwargs) -> dict[str, torch.Tensor]:
+        """The four draws of a native batch (`recipe.draw_noise`: generator= or noise=)."""
+        n = self.native_size
+        return draw_noise(vae_lib.latent_shape(self.vae, batch, n, n), **kwargs)
 
     def encode(
-        self, image: torch.Tensor, mask: torch.Tensor, draws: dict[str, torch.Tensor]
+        self, image: torch.Tensor, fill: torch.Tensor, draws: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled latents of the image and of the masked image (holes set to 0 = mid-grey)."""
-        masked_image = image * (1 - mask)
+        masked_image = image * (1 - fill)
         latents = vae_lib.encode(self.vae, image, draws["vae_image"])
         masked_latents = vae_lib.encode(self.vae, masked_image, draws["vae_masked_image"])
         return latents, masked_latents
 
     def timesteps(self, steps: int, strength: float) -> torch.Tensor:
         """The last int(steps * strength) DDIM timesteps: 20 at 0.99 -> [900, 850, ..., 0]."""
-        self.scheduler.set_timesteps(steps, device=self.device)
-        return self.scheduler.timesteps[steps - min(int(steps * strength), steps) :]
+        return schedule(self.scheduler, steps, strength)[1]
 
     def denoise(
         self,
@@ -329,10 +264,10 @@ class InpaintPipeline:
     ) -> torch.Tensor:
         """DDIM from the noised image latents with guidance; `callback(i, t, x)` after each step."""
         device, batch, g = self.device, latents.shape[0], recipe.guidance_scale
-        timesteps = self.timesteps(recipe.steps, recipe.strength)
+        scheduler, timesteps = schedule(self.scheduler, recipe.steps, recipe.strength, device)
         noise = (draws["latent"] + recipe.noise_offset * draws["latent_offset"]).to(device)
         # Start from the *original* image's latents noised to the first timestep (strength < 1).
-        x = self.scheduler.add_noise(latents.to(device), noise, timesteps[:1].repeat(batch))
+        x = scheduler.add_noise(latents.to(device), noise, timesteps[:1].repeat(batch))
         cond, negative = category_ids(self.unet.config.num_embeddings, recipe.task)
         input_ids = torch.tensor([negative] * batch + [cond] * batch, device=device)  # (2B, 10)
         known = torch.cat([latent_mask, masked_latents], dim=1).to(device).repeat(2, 1, 1, 1)
@@ -341,30 +276,11 @@ class InpaintPipeline:
             eps = self.unet(model_input.to(self.dtype), t[None], input_ids).float()
             eps_negative, eps_cond = eps.chunk(2)
             eps = eps_negative + g * (eps_cond - eps_negative)  # classifier-free guidance
-            x = self.scheduler.step(eps, t, x).prev_sample  # DDIM, eta = 0
+            x = scheduler.step(eps, t, x).prev_sample  # DDIM, eta = 0
             if callback is not None:
                 callback(i, t, x)
         return x
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> image [B,3,H,W] float32 in about [0,1] (not clamped)."""
+        """Latents -> image [B,3,H,W] float32 in about [-1,1] (not clamped)."""
         return vae_lib.decode(self.vae, latents)
-
-    def composite(
-        self,
-        decoded: torch.Tensor,
-        image_list: Sequence[Image.Image],
-        mask_list: Sequence[Image.Image],
-        recipe: Recipe = Recipe(),
-    ) -> list[Image.Image]:
-        """uint8 results, pasted into the inputs with the blurred mask (+ colour compensation)."""
-        results = images.tensor_to_uint8(decoded)  # (B, H, W, 3), truncated
-        outputs = []
-        for result, image, mask in zip(results, image_list, mask_list, strict=True):
-            mask_L = masks.mask_to_image(masks.prepare_mask(mask, image.size))
-            if recipe.compensate:
-                result = masks.paste_compensate(result, np.asarray(image), mask_L)
-            elif recipe.paste:
-                result = masks.paste(result, np.asarray(image), mask_L)
-            outputs.append(Image.fromarray(result))
-        return outputs

@@ -1,50 +1,52 @@
-"""Any input size for a model that runs only at its native square size N (512 when released).
+"""Plan the native-size windows that cover a mask: pure geometry, no model, no pixels.
 
-Strategies (IOPaint's "HD strategies", adapted to a fixed-size model):
-  native  the image is exactly N x N: one run, its output returned as is (the original recipe).
-  crop    one square window per group of mask regions, resized to N, run, resized back, composited.
-  resize  the whole image fitted into N x N (aspect kept, reflect-padded), run, resized back.
+A model that runs only at its native square size N (512 when released) sees any input through
+windows (IOPaint's "HD strategies", adapted to a fixed-size model):
+  native  the image is exactly N x N: one window, the whole image (the original recipe).
+  crop    one square window per group of mask regions, resized to N x N.
+  resize  the whole image fitted into N x N (aspect kept, reflect-padded context).
   auto    native for N x N inputs, crop otherwise.
-Compositing happens at the original resolution with a feather outside the mask, so every pixel
-farther than `feather_reach` from the mask is byte-identical to the input.
+`plan` returns the windows; `moebius.composite` cuts their inputs and merges their results, and
+the pipeline runs them through the model in batches.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image, ImageFilter
 
-from moebius.masks import PASTE_BLUR_RADIUS, MaskError, mask_to_image
 from moebius.options import STRATEGIES  # the names a user can type live in moebius.options
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MARGIN = 128  # context pixels around a region's bbox in a crop window (IOPaint's default)
 
-# run(images, masks) -> results: RGB N x N images, 'L' {0, 255} N x N masks, RGB N x N results.
-RunFn = Callable[[list[Image.Image], list[Image.Image]], list[Image.Image]]
 Box = tuple[int, int, int, int]  # (y0, x0, y1, x1), ends exclusive
 
 
 @dataclass(frozen=True)
 class Window:
-    """A square box in the original image: columns x0..x1-1, rows y0..y1-1."""
+    """A box of the input (columns x0..x1-1, rows y0..y1-1) that the model sees at N x N.
+
+    Crop and native windows are squares that fill the model's input. A resize window is the
+    whole image placed, aspect kept, in `placed` = (x0, y0, x1, y1) of the N x N input; the rest
+    of the input is padding.
+    """
 
     x0: int
     y0: int
     x1: int
     y1: int
+    placed: tuple[int, int, int, int] | None = None
 
     def __post_init__(self):
-        if self.x1 - self.x0 != self.y1 - self.y0 or self.x1 <= self.x0:
-            raise ValueError(f"a Window must be a non-empty square, got {self}")
+        if self.x1 <= self.x0 or self.y1 <= self.y0:
+            raise ValueError(f"a Window must be non-empty, got {self}")
+        if self.placed is None and self.x1 - self.x0 != self.y1 - self.y0:
+            raise ValueError(f"a Window without `placed` must be a square, got {self}")
 
     @property
     def side(self) -> int:
@@ -54,6 +56,10 @@ class Window:
     def box(self) -> tuple[int, int, int, int]:
         """(left, upper, right, lower) for `PIL.Image.crop`."""
         return (self.x0, self.y0, self.x1, self.y1)
+
+    def inner(self, native: int) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) of the model's N x N input that shows the box."""
+        return self.placed if self.placed is not None else (0, 0, native, native)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,157 +221,39 @@ def plan_crop_windows(mask: np.ndarray, native: int, margin: int = DEFAULT_MARGI
     return windows
 
 
-# ---------------------------------------------------------------------------------------------
-# Resizing and compositing
-
-
-def _resize_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """LANCZOS to shrink, BICUBIC to enlarge (less ringing), a copy when the size is unchanged."""
-    if image.size == size:
-        return image.copy()
-    shrink = size[0] < image.size[0]
-    return image.resize(size, Image.Resampling.LANCZOS if shrink else Image.Resampling.BICUBIC)
-
-
-def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """bool mask -> (W, H) `size` by adaptive max-pooling: fill where any pixel under it fills.
-
-    Unlike NEAREST this never drops a thin stroke when shrinking; enlarging is nearest-like.
-    """
-    if (mask.shape[1], mask.shape[0]) == size:
-        return mask.copy()
-    x = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, H, W)
-    return F.adaptive_max_pool2d(x, (size[1], size[0]))[0, 0].numpy() > 0
-
-
-def feather_radius(side: int, native: int) -> float:
-    """Feather blur radius at the original resolution: the original's 3 px, scaled by side / N."""
-    return PASTE_BLUR_RADIUS * side / native
-
-
-def feather_reach(radius: float) -> int:
-    """Max distance (Chebyshev, px) from the mask at which `feather` can be non-zero."""
-    return math.ceil(3 * radius) + 2  # PIL's GaussianBlur is 3 box passes of half-width ~radius
-
-
-def feather(mask: np.ndarray, radius: float) -> np.ndarray:
-    """bool [H, W] -> float32 weight of the result: 1 on the mask, a blur tail outside it."""
-    blurred = mask_to_image(mask).filter(ImageFilter.GaussianBlur(radius=radius))
-    return np.maximum(np.asarray(blurred, np.float32) / 255, mask.astype(np.float32))
-
-
-def _composite(
-    out: np.ndarray, result: np.ndarray, mask: np.ndarray, y: int, x: int, radius: float
-):
-    """Blend `result` (h, w, 3) into `out` at (y, x) where feather(mask crop) > 0, in place."""
-    h, w = result.shape[:2]
-    soft = feather(mask[y : y + h, x : x + w], radius)  # (h, w)
-    rows, cols = np.nonzero(soft.any(axis=1))[0], np.nonzero(soft.any(axis=0))[0]
-    if rows.size == 0:
-        return
-    sy, sx = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)  # bbox of the feather
-    region = out[y : y + h, x : x + w][sy, sx]  # view into out
-    weight = soft[sy, sx, None]
-    blend = np.rint(result[sy, sx] * weight + region * (1 - weight)).astype(np.uint8)
-    np.copyto(region, blend, where=weight > 0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Strategies
-
-
-def _run_batched(run: RunFn, images, masks, native: int, batch_size: int | None):
-    """Call `run` on chunks of `batch_size` (all at once when None) and check what it returns."""
-    step = batch_size or len(images)
-    results = []
-    for s in range(0, len(images), step):
-        out = list(run(images[s : s + step], masks[s : s + step]))
-        if len(out) != len(images[s : s + step]):
-            raise ValueError(
-                f"run returned {len(out)} images for {len(images[s : s + step])} inputs"
-            )
-        for img in out:
-            if not isinstance(img, Image.Image) or img.mode != "RGB" or img.size != (native,) * 2:
-                got = (getattr(img, "mode", type(img).__name__), getattr(img, "size", None))
-                raise ValueError(f"run must return RGB {native}x{native} PIL images, got {got}")
-        results.extend(out)
-    return results
-
-
-def _crop(image, mask, native, run, margin, batch_size) -> Image.Image:
-    """The crop strategy: windows from `plan_crop_windows`, one batch, composited in plan order."""
-    windows = plan_crop_windows(mask, native, margin)
-    crops = [_resize_image(image.crop(w.box), (native, native)) for w in windows]
-    crop_masks = [
-        mask_to_image(_resize_mask(mask[w.y0 : w.y1, w.x0 : w.x1], (native, native)))
-        for w in windows
-    ]
-    results = _run_batched(run, crops, crop_masks, native, batch_size)
-    out = np.array(image)
-    for w, res in zip(windows, results, strict=True):
-        res = np.asarray(_resize_image(res, (w.side, w.side)))
-        _composite(out, res, mask, w.y0, w.x0, feather_radius(w.side, native))
-    return Image.fromarray(out)
-
-
-def _resize(image, mask, native, run, batch_size) -> Image.Image:
-    """The resize strategy: fit into N x N (aspect kept), reflect-pad, run, un-pad, enlarge back."""
-    width, height = image.size
+def resize_window(height: int, width: int, native: int) -> Window:
+    """The whole image fitted into N x N, aspect kept, centred (the resize strategy)."""
     scale = native / max(width, height)
     w, h = max(1, round(width * scale)), max(1, round(height * scale))
     top, left = (native - h) // 2, (native - w) // 2
-    pad = ((top, native - h - top), (left, native - w - left))
-    # Reflected context fills the pad; the pad is never part of the mask.
-    small = np.pad(np.asarray(_resize_image(image, (w, h))), (*pad, (0, 0)), mode="reflect")
-    small_mask = np.pad(_resize_mask(mask, (w, h)), pad)
-    (result,) = _run_batched(
-        run, [Image.fromarray(small)], [mask_to_image(small_mask)], native, batch_size
-    )
-    back = _resize_image(result.crop((left, top, left + w, top + h)), (width, height))
-    out = np.array(image)
-    _composite(out, np.asarray(back), mask, 0, 0, feather_radius(max(width, height), native))
-    return Image.fromarray(out)
+    return Window(0, 0, width, height, placed=(left, top, left + w, top + h))
 
 
-def inpaint_any_size(
-    image: Image.Image,
-    mask: np.ndarray,
-    native: int,
-    run: RunFn,
-    strategy: str = "auto",
-    margin: int = DEFAULT_MARGIN,
-    *,
-    batch_size: int | None = None,
-) -> Image.Image:
-    """Fill `mask` (bool [H, W], True = fill) in an RGB image of any size with a native-size `run`.
+def plan(
+    fill: np.ndarray, native: int, strategy: str = "auto", margin: int = DEFAULT_MARGIN
+) -> list[Window]:
+    """The windows that fill `fill` (bool [H, W], True = fill) for a model of native side N.
 
-    `run(images, masks)` inpaints a batch of N x N RGB images with 'L' {0, 255} masks and returns
-    N x N RGB images (already pasted, as the original recipe does). All windows of one image go to
-    `run` in one call, or in chunks of `batch_size`. An empty mask returns a copy, without a run.
+    An empty mask needs no window. "auto" is "native" for N x N inputs and "crop" otherwise;
+    "native" on another size is an error that names the strategies that handle it.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if image.mode != "RGB":
-        raise ValueError(f"inpaint_any_size expects an RGB image, got {image.mode!r}; use to_rgb")
-    if mask.shape != (image.size[1], image.size[0]) or mask.dtype != bool:
-        raise MaskError(
-            f"mask must be bool [H, W] = [{image.size[1]}, {image.size[0]}] like the image, got "
-            f"{mask.dtype} {list(mask.shape)}; use prepare_mask(mask, image.size)"
-        )
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
-    if not mask.any():
-        return image.copy()
-    is_native = image.size == (native, native)
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    if fill.ndim != 2 or fill.dtype != bool:
+        raise ValueError(f"plan takes a bool [H, W] fill mask, got {fill.dtype} {fill.shape}")
+    if not fill.any():
+        return []
+    height, width = fill.shape
+    is_native = (height, width) == (native, native)
     if strategy == "auto":
         strategy = "native" if is_native else "crop"
     if strategy == "native":
         if not is_native:
             raise ValueError(
-                f"strategy 'native' needs a {native}x{native} image, got "
-                f"{image.size[0]}x{image.size[1]}; use 'crop' (or 'auto') or 'resize'"
+                f"strategy 'native' needs a {native}x{native} image, got {width}x{height}; "
+                "use 'crop' (or 'auto') or 'resize'"
             )
-        return _run_batched(run, [image], [mask_to_image(mask)], native, batch_size)[0]
+        return [Window(0, 0, native, native)]
     if strategy == "crop":
-        return _crop(image, mask, native, run, margin, batch_size)
-    return _resize(image, mask, native, run, batch_size)
+        return plan_crop_windows(fill, native, margin)
+    return [resize_window(height, width, native)]

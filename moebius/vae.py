@@ -69,6 +69,9 @@ def encode(vae, image: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Image [B,3,H,W] = (decoder(latents / scaling_factor) + 1) / 2, float32, not clamped."""
+    """Image [B,3,H,W] = decoder(latents / scaling_factor), float32 in about [-1, 1], not clamped.
+
+    The same range as `encode` takes; (x + 1) / 2 gives the original's [0, 1] image.
+    """
     z = (latents / vae.config.scaling_factor).to(device=vae.device, dtype=vae.dtype)
-    return (vae.decode(z).sample.float() + 1) / 2
+    return vae.decode(z).sample.float()

@@ -5,14 +5,15 @@ import logging
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-from conftest import shared_path
+from conftest import far_from_mask as far_from
+from conftest import noise_pair as native_pair
+from conftest import seeded as gen
+from conftest import shared_path, tiny_pipeline
 from huggingface_hub import constants
 from PIL import Image
-from test_pipeline import far_from, gen, native_pair, tiny_pipeline
 
 from moebius.cli import main
 from moebius.images import gray_to_8bit, load_image
@@ -174,15 +175,17 @@ def test_unusual_files(weights, tmp_path):
     assert Image.open(out / "rotated.png").size == (180, 240)
 
 
-def test_offline_without_weights_explains_within_two_seconds(tmp_path):
+def test_offline_without_weights_explains_before_importing_torch(tmp_path):
     photos = shared_path("data", "photos")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    args = [sys.executable, "-m", "moebius.cli", "inpaint", str(photos / "skimage_coffee.png"),
+    argv = ["inpaint", str(photos / "skimage_coffee.png"),
             str(photos / "skimage_coffee_mask.png"), "-o", str(tmp_path / "out.png")]  # fmt: skip
-    start = time.perf_counter()
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=30)
-    elapsed = time.perf_counter() - start
-    assert proc.returncode != 0 and elapsed < 2.0, (proc.returncode, elapsed)
+    # Fast by construction: the error comes before torch is imported (a benchmark times it).
+    code = ("import sys, moebius.cli; rc = moebius.cli.main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
     assert "hustvl/Moebius: ft_places2/diffusion_pytorch_model.bin" in proc.stderr
     assert "--weights DIR" in proc.stderr and not (tmp_path / "out.png").exists()
 

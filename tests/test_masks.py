@@ -1,4 +1,4 @@
-"""moebius.masks: threshold, polarity, modes, sizes, dilation shape, latent mask, exact paste."""
+"""moebius.masks: threshold, polarity, modes, sizes, dilation shape, latent mask."""
 
 import logging
 
@@ -11,14 +11,10 @@ from PIL import Image
 from moebius.masks import (
     MASK_THRESHOLD,
     MaskError,
-    compensate_ring,
     dilate,
     latent_mask,
     mask_to_image,
-    paste,
-    paste_compensate,
     prepare_mask,
-    soft_paste_mask,
 )
 
 VECTOR = ("reference", "pipeline_vector")
@@ -160,57 +156,3 @@ def test_latent_mask_samples_top_left_of_each_cell(trace):
 
     got = latent_mask(torch.from_numpy(trace["pre.mask"]), (32, 32)).float()
     assert np.array_equal(got.numpy(), trace["resized_mask"])
-
-
-# ---- paste-back (bit-exact with the original pipeline's outputs) -----------------------------
-
-
-@pytest.mark.parametrize("i", [0, 1])
-def test_soft_paste_mask_matches_reference(trace, i):
-    mask = Image.fromarray(_vector(f"input_mask_{i}.npy"))
-    soft = soft_paste_mask(mask)
-    assert soft.dtype == np.float64 and soft.shape == (256, 256, 3)
-    assert np.array_equal(soft, trace["post.paste_soft_mask_uint8"][i] / 255)
-
-
-@pytest.mark.parametrize("i", [0, 1])
-def test_paste_bit_exact(trace, i):
-    mask = Image.fromarray(_vector(f"input_mask_{i}.npy"))
-    out = paste(trace["post.result_uint8"][i], _vector(f"input_image_{i}.npy"), mask)
-    assert out.dtype == np.uint8
-    assert np.array_equal(out, _vector(f"output_paste_{i}.npy"))
-
-
-@pytest.mark.parametrize("i", [0, 1])
-def test_paste_compensate_bit_exact(trace, i):
-    hole = _vector(f"input_mask_{i}.npy")
-    result, image = trace["post.result_uint8"][i], _vector(f"input_image_{i}.npy")
-    ring = compensate_ring(hole > 128)
-    assert np.array_equal(ring, trace["post.compensate_ring"][i])
-    delta = image[ring].mean(axis=0) - result[ring].mean(axis=0)
-    assert np.array_equal(delta, trace["post.compensate_delta_mean"][i])
-    out = paste_compensate(result, image, Image.fromarray(hole))
-    assert np.array_equal(out, _vector(f"output_paste_compensate_{i}.npy"))
-
-
-def test_compensate_ring_geometry_and_colour_shift():
-    hole = np.zeros((60, 60), bool)
-    hole[10:30, 12:34] = True  # rows 10..29 (h 20), cols 12..33 (w 22)
-    ring = compensate_ring(hole)
-    rows, cols = np.nonzero(ring)
-    # centre row 19, height 30 -> rows 4..34; centre col 22, width 32 -> cols 6..38
-    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (4, 34, 6, 38)
-    assert not (ring & hole).any()
-
-    image = np.full((60, 60, 3), 100, np.uint8)
-    result = np.full((60, 60, 3), 90, np.uint8)  # generated 10 levels too dark everywhere
-    out = paste_compensate(result, image, mask_to_image(hole))
-    # deep inside the hole soft = 1: 90 + 1.1 * (100 - 90) = 101
-    assert out[20, 22].tolist() == [101, 101, 101]
-    assert paste(result, image, mask_to_image(hole))[20, 22].tolist() == [90, 90, 90]
-    assert np.array_equal(out[:, 45:], image[:, 45:])  # far from the hole: the input
-
-
-def test_paste_rejects_mismatched_shapes():
-    with pytest.raises(ValueError, match="paste expects"):
-        paste(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 5, 3), np.uint8), Image.new("L", (4, 4)))

@@ -15,8 +15,10 @@ from conftest import shared_path
 from PIL import Image
 from safetensors.torch import load_file
 
+from moebius import composite, images
 from moebius.models import MoebiusConfig, MoebiusUNet
-from moebius.pipeline import NOISE_KEYS, InpaintPipeline, Recipe, category_ids
+from moebius.pipeline import NOISE_KEYS, InpaintPipeline, category_ids
+from moebius.strategies import Window
 from moebius.vae import load_vae
 
 DRAW_NAMES = (
@@ -66,8 +68,9 @@ def run(pipe, vector):
         return record["latents"], record["masked_latents"]
 
     def spy_decode(latents):
-        record["decoded"] = decode(latents)
-        return record["decoded"]
+        decoded = decode(latents)  # [-1, 1]
+        record["decoded"] = (decoded + 1) / 2  # the original's [0, 1] image
+        return decoded
 
     def on_step(i, t, x):
         record["timesteps"].append(int(t))
@@ -86,7 +89,10 @@ def run(pipe, vector):
 
 def test_prepare_and_ids_match_trace(pipe, run, vector):
     trace = load_file(vector / "trace.safetensors")
-    image, mask = pipe.prepare(run["images"], run["masks"])
+    inputs = [composite.window_input(im, np.asarray(m) > 127, Window(0, 0, 256, 256), 256)
+              for im, m in zip(run["images"], run["masks"], strict=True)]  # fmt: skip
+    image = images.to_tensor(np.stack([pixels for pixels, _ in inputs]))
+    mask = torch.from_numpy(np.stack([hole for _, hole in inputs]).astype(np.uint8))[:, None]
     assert torch.equal(image, trace["pre.image"])
     assert torch.equal(mask, trace["pre.mask"])
     cond, negative = category_ids(pipe.unet.config.num_embeddings, "remove")
@@ -113,7 +119,12 @@ def test_final_images_match(pipe, run, vector, compensate):
     if compensate:
         outputs = run["outputs"]  # the full call above
     else:  # both runs of the original share every draw and latent; only the paste differs
-        outputs = pipe.composite(run["decoded"], run["images"], run["masks"], Recipe(paste=True))
+        outputs = []
+        for result, image, mask in zip(images.tensor_to_uint8(run["decoded"]), run["images"],
+                                       run["masks"], strict=True):  # fmt: skip
+            out = image.copy()
+            composite.merge(out, np.asarray(mask) > 127, Window(0, 0, 256, 256), result, 256)
+            outputs.append(out)
     name = "output_paste_compensate" if compensate else "output_paste"
     for i, out in enumerate(outputs):
         reference = np.load(vector / f"{name}_{i}.npy")

@@ -1,20 +1,12 @@
-"""moebius.strategies: window planning and any-size inpainting with fake native-size models."""
+"""moebius.strategies: window planning (pure geometry) for every strategy."""
 
 import numpy as np
 import pytest
 from conftest import shared_path
 from PIL import Image
 
-from moebius.masks import MaskError, dilate, prepare_mask
-from moebius.strategies import (
-    Window,
-    feather,
-    feather_radius,
-    feather_reach,
-    inpaint_any_size,
-    plan_crop_windows,
-    region_boxes,
-)
+from moebius.masks import prepare_mask
+from moebius.strategies import Window, plan, plan_crop_windows, region_boxes
 
 PHOTOS = [
     "lomiri_aitzgorri.jpg",
@@ -28,32 +20,6 @@ PHOTOS = [
     "skimage_coffee.png",
     "skimage_rocket.jpg",
 ]
-
-
-class FakeRun:
-    """A native-size 'model' that inverts the masked pixels and records every call."""
-
-    def __init__(self, native):
-        self.native = native
-        self.batches = []  # per call: number of images
-        self.images, self.masks = [], []
-
-    def __call__(self, images, masks):
-        self.batches.append(len(images))
-        self.images += images
-        self.masks += masks
-        out = []
-        for image, mask in zip(images, masks, strict=True):
-            assert image.mode == "RGB" and image.size == (self.native, self.native)
-            assert mask.mode == "L" and set(np.unique(mask)) <= {0, 255}
-            hole = np.asarray(mask)[..., None] == 255
-            out.append(Image.fromarray(np.where(hole, 255 - np.asarray(image), np.asarray(image))))
-        return out
-
-
-def _noise_image(width, height, seed=0):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def _covers(windows, mask):
@@ -71,11 +37,6 @@ def _check_windows(windows, mask):
     assert _covers(windows, mask)
 
 
-def _assert_untouched_far_from_mask(out, image, mask, reach):
-    changed = (np.asarray(out) != np.asarray(image)).any(axis=-1)
-    assert not (changed & ~dilate(mask, reach)).any()
-
-
 # ---- regions and windows ---------------------------------------------------------------------
 
 
@@ -91,10 +52,12 @@ def test_region_boxes_use_8_connectivity():
     assert region_boxes(np.zeros((3, 3), bool)) == []
 
 
-def test_window_must_be_square():
+def test_window_must_be_square_unless_placed():
     with pytest.raises(ValueError, match="square"):
         Window(0, 0, 10, 12)
     assert Window(2, 3, 12, 13).box == (2, 3, 12, 13) and Window(2, 3, 12, 13).side == 10
+    assert Window(2, 3, 12, 13).inner(64) == (0, 0, 64, 64)
+    assert Window(0, 0, 10, 12, placed=(5, 0, 58, 64)).inner(64) == (5, 0, 58, 64)
 
 
 def test_small_mask_in_big_photo_gets_one_native_window():
@@ -176,114 +139,28 @@ def test_windows_on_real_photos(name):
     assert windows[0].side >= min(512, *mask.shape)
 
 
-# ---- inpaint_any_size ------------------------------------------------------------------------
+# ---- plan: every strategy --------------------------------------------------------------------
 
 
-def test_one_small_mask_in_6000x4000_photo_runs_once_at_native_scale():
-    image = Image.new("RGB", (6000, 4000), (10, 120, 200))
-    mask = np.zeros((4000, 6000), bool)
-    mask[1000:1100, 2000:2050] = True
-    run = FakeRun(512)
-    out = inpaint_any_size(image, mask, 512, run)
-    assert run.batches == [1]
-    assert out.size == image.size and out.mode == "RGB"
-    pixels = np.asarray(out)
-    assert (pixels[mask] == (245, 135, 55)).all()  # a 1:1 window: exactly the model's fill
-    _assert_untouched_far_from_mask(out, image, mask, feather_reach(feather_radius(512, 512)))
-
-
-def test_crop_on_real_photo_keeps_unmasked_pixels_and_fills_the_hole():
-    image = Image.open(shared_path("data", "photos", "lomiri_wine.jpg")).convert("RGB")
-    raw = Image.open(shared_path("data", "photos", "lomiri_wine_mask.png"))
-    mask = prepare_mask(raw, image.size, dilation=4)
-    run = FakeRun(256)
-    out = inpaint_any_size(image, mask, 256, run, strategy="crop")
-    assert out.size == image.size
-    (window,) = plan_crop_windows(mask, 256)
-    _assert_untouched_far_from_mask(
-        out, image, mask, feather_reach(feather_radius(window.side, 256))
-    )
-    changed = np.abs(np.asarray(out, int) - np.asarray(image, int)).sum(axis=-1) > 60
-    assert changed[mask].mean() > 0.9  # the inverted fill shows inside the hole
-    # the model saw every hole pixel: the max-pooled native mask, enlarged back, covers the hole
-    seen = run.masks[0].resize((window.side,) * 2, Image.Resampling.NEAREST)
-    assert (np.asarray(seen) == 255)[mask[window.y0 : window.y1, window.x0 : window.x1]].all()
-
-
-def test_windows_go_in_one_batch_or_in_chunks():
-    image = _noise_image(3000, 2000)
-    mask = np.zeros((2000, 3000), bool)
-    mask[100:140, 100:140] = True
-    mask[1800:1840, 2800:2840] = True
-    mask[1000:1040, 1500:1540] = True
-    run = FakeRun(64)
-    inpaint_any_size(image, mask, 64, run, margin=16)
-    assert run.batches == [3]
-    run = FakeRun(64)
-    inpaint_any_size(image, mask, 64, run, margin=16, batch_size=2)
-    assert run.batches == [2, 1]
-
-
-def test_native_strategy_returns_the_run_output_exactly():
-    image = _noise_image(64, 64)
-    mask = np.zeros((64, 64), bool)
-    mask[20:30, 5:50] = True
-    run = FakeRun(64)
-    out = inpaint_any_size(image, mask, 64, run, strategy="native")
-    assert np.array_equal(np.asarray(out), np.asarray(run(run.images[:1], run.masks[:1])[0]))
-    assert np.array_equal(np.asarray(run.images[0]), np.asarray(image))  # no resampling
-    assert np.array_equal(np.asarray(run.masks[0]) == 255, mask)
-    auto = FakeRun(64)
-    assert np.array_equal(np.asarray(inpaint_any_size(image, mask, 64, auto)), np.asarray(out))
+def test_plan_picks_the_strategy_and_checks_its_arguments():
+    fill = np.zeros((64, 64), bool)
+    assert plan(fill, 64) == []  # nothing to fill: no window, no model run
+    fill[20:30, 5:50] = True
+    assert plan(fill, 64) == plan(fill, 64, "native") == [Window(0, 0, 64, 64)]
+    big = np.zeros((200, 300), bool)
+    big[80:120, 100:200] = True
+    assert plan(big, 64) == plan(big, 64, "crop") == plan_crop_windows(big, 64)
     with pytest.raises(ValueError, match="'crop'.*'resize'"):
-        inpaint_any_size(_noise_image(65, 64), np.ones((64, 65), bool), 64, run, "native")
+        plan(big, 64, "native")
+    with pytest.raises(ValueError, match="auto, native, crop, resize"):
+        plan(big, 64, "tile")
+    with pytest.raises(ValueError, match="bool"):
+        plan(big.astype(np.uint8), 64)
 
 
-def test_resize_strategy_pads_outside_the_mask():
-    image = _noise_image(300, 200)
-    mask = np.zeros((200, 300), bool)
-    mask[80:120, 100:200] = True
-    run = FakeRun(64)
-    out = inpaint_any_size(image, mask, 64, run, strategy="resize")
-    assert run.batches == [1] and out.size == (300, 200)
-    native_mask = np.asarray(run.masks[0]) == 255
-    # 300x200 -> 64x43, centred: rows 10..52 hold the image, the reflect-padded rest is no hole
-    assert not native_mask[:10].any() and not native_mask[53:].any()
-    assert native_mask[27:33, 25:40].all()
-    padded = np.asarray(run.images[0])
-    assert np.array_equal(padded[9], padded[11])  # reflect padding mirrors row 10
-    _assert_untouched_far_from_mask(out, image, mask, feather_reach(feather_radius(300, 64)))
-    inside = mask & ~dilate(~mask, 6)  # away from the resampled edge
-    assert (np.abs(np.asarray(out, int) - np.asarray(image, int)).sum(-1)[inside] > 0).all()
-
-
-def test_empty_mask_returns_a_copy_without_running():
-    image = _noise_image(100, 80)
-    run = FakeRun(64)
-    out = inpaint_any_size(image, np.zeros((80, 100), bool), 64, run)
-    assert run.batches == [] and out is not image
-    assert np.array_equal(np.asarray(out), np.asarray(image))
-
-
-def test_bad_arguments_are_explained():
-    image, run = _noise_image(100, 80), FakeRun(64)
-    with pytest.raises(MaskError, match=r"\[80, 100\]"):
-        inpaint_any_size(image, np.zeros((100, 80), bool), 64, run)
-    with pytest.raises(ValueError, match="strategy must be one of"):
-        inpaint_any_size(image, np.ones((80, 100), bool), 64, run, strategy="tile")
-
-    def wrong_size(images, masks):
-        return [Image.new("RGB", (32, 32)) for _ in images]
-
-    with pytest.raises(ValueError, match="RGB 64x64"):
-        inpaint_any_size(image, np.ones((80, 100), bool), 64, wrong_size)
-
-
-def test_feather_is_one_on_the_mask_and_bounded_outside():
-    mask = np.zeros((200, 200), bool)
-    mask[90:110, 60:140] = True
-    for radius in (0.5, 3, 7.5, 20):
-        soft = feather(mask, radius)
-        assert (soft[mask] == 1).all()
-        assert (soft[~dilate(mask, feather_reach(radius))] == 0).all()
-        assert soft[mask.shape[0] // 2, 59] > 0  # a real blur tail next to the hole
+def test_resize_window_keeps_the_aspect_centred():
+    fill = np.zeros((200, 300), bool)
+    fill[80:120, 100:200] = True
+    (window,) = plan(fill, 64, "resize")
+    # 300x200 -> 64x43 (round(200 * 64 / 300) = 43), centred: rows 10..52 show the image
+    assert window == Window(0, 0, 300, 200, placed=(0, 10, 64, 53))
