@@ -141,8 +141,7 @@ def main() -> None:
             )
         results[scenario] = {"image_size": list(size), "mask_box": list(box),
                              "strategy": strategy, "variants": entry}  # fmt: skip
-    emit(
-        {
+        report = {  # written after every scenario, so a long run leaves partial results
             "benchmark": "inpaint",
             **device_info(),
             "steps": args.steps,
@@ -152,9 +151,8 @@ def main() -> None:
             "vae": "SDXL AutoencoderKL layout, float32",
             **machine_state(),
             "results": results,
-        },
-        args.out,
-    )
+        }
+        emit(report, args.out)
 
 
 if __name__ == "__main__":
