@@ -300,8 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     server_cli.add_parser(sub)
 
-    from moebius.export import cli as export_cli  # torch-free until it runs
+    from moebius.eval import cli as eval_cli  # torch-free until they run
+    from moebius.export import cli as export_cli
 
+    eval_cli.add_parser(sub)
     export_cli.add_parser(sub)
     for p in sub.choices.values():  # --debug also after the subcommand; SUPPRESS keeps the top's
         if "-" in p.prefix_chars:  # not `train` / `data`, which pass their arguments on
