@@ -186,15 +186,19 @@ class ELatentLPIPS(nn.Module):
         return total
 
 
-def load_perceptual(path: str | Path, device=None, **kwargs) -> ELatentLPIPS:
-    """ELatentLPIPS with the released `sdxl_latest_vgg16_tuned.pth` loaded (strict keys)."""
-    path = Path(path)
-    if not path.is_file():
+def load_perceptual(path: str | Path | None = None, device=None, **kwargs) -> ELatentLPIPS:
+    """ELatentLPIPS with the released `sdxl_latest_vgg16_tuned.pth` loaded (strict keys).
+
+    Raises FileNotFoundError (an OSError) when no path is given or the file is missing.
+    """
+    if path is None or not Path(path).is_file():
+        where = "no path was given" if path is None else f"{path} does not exist"
         raise FileNotFoundError(
-            f"E-LatentLPIPS weights not found at {path}: download sdxl_latest_vgg16_tuned.pth from "
-            "the Hugging Face repo Mingguksky/elatentlpips (CC-BY-NC) and pass its path, or switch "
-            "the perceptual term off"
+            f"E-LatentLPIPS weights are needed ({where}): download sdxl_latest_vgg16_tuned.pth "
+            "from the Hugging Face repo Mingguksky/elatentlpips (CC-BY-NC) and set "
+            "loss.perceptual_weights to its path, or switch the perceptual term off"
         )
+    path = Path(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
     # The package registers the heads twice (lin0..lin4 and lins.0..4): keep one name.
