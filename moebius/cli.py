@@ -267,7 +267,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="original config JSON (default: the released architecture)")
     p.add_argument("--vae", help="VAE folder to include, e.g. the released vae/")
     p.set_defaults(func=cmd_convert)
+
+    # `train` and `data` parse their own arguments in moebius.train.cli, imported only when used
+    for name, text in (("train", "train a student (moebius train -h)"),
+                       ("data", "training data tools (moebius data -h)")):  # fmt: skip
+        p = sub.add_parser(name, help=text, add_help=False, prefix_chars="\0")
+        p.add_argument("argv", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda args, name=name: _train_cli(name, args.argv))
+
+    from moebius.server import cli as server_cli  # `serve`: imports nothing heavy here
+
+    server_cli.add_parser(sub)
+
+    from moebius.export import cli as export_cli  # torch-free until it runs
+
+    export_cli.add_parser(sub)
     return parser
+
+
+def _train_cli(command: str, argv: list[str]) -> int:
+    from moebius.train.cli import main as train_main  # imports torch
+
+    return train_main([command, *argv])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,9 +50,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode an image file, upright (EXIF orientation applied); else ImageError."""
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # leaving the block closes the file, keeps the pixels
             image.load()  # decode now: truncated files fail here, not later in the pipeline
-            upright = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # no copy of a 12000 x 12000 photo
     except FileNotFoundError as err:
         raise ImageError(f"image file {str(path)!r} does not exist; check the path") from err
     except IsADirectoryError as err:
@@ -62,7 +62,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             f"cannot read image file {str(path)!r} ({type(err).__name__}: {err}); it is corrupt, "
             "truncated or not an image: re-export it as PNG or JPEG"
         ) from err
-    return upright
+    return image
 
 
 def gray_to_8bit(image: Image.Image) -> Image.Image:

@@ -34,7 +34,9 @@ def _mask_to_gray(mask: Image.Image) -> Image.Image:
     is logged when the mask is not grey, because e.g. pure red (luma 76) then reads as "keep".
     16-bit / float masks are scaled to 8 bits over their full range first (65535 / 1.0 = fill).
     """
-    if mask.mode in ("1", "L"):
+    if mask.mode == "L":
+        return mask  # read only: no copy of a 12000 x 12000 mask
+    if mask.mode == "1":
         return mask.convert("L")
     if mask.mode in HIGH_BIT_DEPTH:
         return gray_to_8bit(mask)

@@ -22,11 +22,11 @@ from diffusers import DDIMScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
-from moebius import composite, hub, images, masks, options, strategies
+from moebius import composite, hub, images, masks, options, strategies, tiny_decoder
 from moebius import vae as vae_lib
 from moebius.options import DEFAULT_MODEL, TASKS  # noqa: F401 (TASKS: public name)
 from moebius.pretrained import load_components, save_components
-from moebius.recipe import (  # noqa: F401 (public names of the pipeline API)
+from moebius.recipe import (  # noqa: F401 (public names of the API)
     NOISE_KEYS,
     NOISE_OFFSET,
     Recipe,
@@ -45,10 +45,14 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 class InpaintPipeline:
     """Moebius inpainting: `pipe(image, mask) -> image`; `unet`, `vae`, `scheduler` are public."""
 
-    def __init__(self, unet: torch.nn.Module, vae, scheduler: DDIMScheduler | None = None):
+    def __init__(
+        self, unet: torch.nn.Module, vae, scheduler: DDIMScheduler | None = None, decoder=None
+    ):
         self.unet = unet.eval()
         self.vae = vae.eval()
         self.scheduler = scheduler or make_scheduler()
+        # Optional fast decoder used instead of the VAE's (moebius.tiny_decoder: TAESDXL).
+        self.decoder = decoder.eval() if decoder is not None else None
         self.progress_bar_config: dict = {}
 
     # ----------------------------------------------------------------------------- loading, devices
@@ -76,9 +80,7 @@ class InpaintPipeline:
         return cls.from_files(files, model=model, config=config)
 
     @classmethod
-    def from_files(
-        cls, files: hub.WeightFiles, *, model: str | None = None, config=None
-    ) -> InpaintPipeline:
+    def from_files(cls, files: hub.WeightFiles, *, model=None, config=None) -> InpaintPipeline:
         """Build the pipeline from resolved weight files (see `moebius.hub.resolve`)."""
         return cls(*load_components(files, model=model, config=config))
 
@@ -86,11 +88,9 @@ class InpaintPipeline:
         """Write unet/ (config.json + model.safetensors), vae/ and scheduler/ under `directory`."""
         return save_components(self.unet, self.vae, self.scheduler, directory)
 
-    def to(
-        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> InpaintPipeline:
+    def to(self, device: str | torch.device | None = None, dtype=None) -> InpaintPipeline:
         """Move the networks to `device` / cast them to `dtype` (DDIM math stays float32)."""
-        for module in (self.unet, self.vae):
+        for module in (self.unet, self.vae, *([self.decoder] if self.decoder else [])):
             module.to(device=device)
             if dtype is not None and dtype != next(module.parameters()).dtype:
                 module.to(dtype=dtype)
@@ -186,12 +186,7 @@ class InpaintPipeline:
                 composite.merge(canvases[i], fills[i], window, result, n, paste=recipe.paste,
                                 compensate=recipe.compensate)  # fmt: skip
 
-    def inpaint_arrays(
-        self,
-        inputs: Sequence[tuple[np.ndarray, np.ndarray]],
-        recipe: Recipe = Recipe(),
-        **kwargs,
-    ) -> np.ndarray:
+    def inpaint_arrays(self, inputs: Sequence, recipe: Recipe = Recipe(), **kwargs) -> np.ndarray:
         """(RGB uint8 [N,N,3], bool fill [N,N]) pairs -> raw results uint8 [B,N,N,3] (truncated)."""
         image = images.to_tensor(np.stack([pixels for pixels, _ in inputs]))
         fill = torch.from_numpy(np.stack([hole for _, hole in inputs]).astype(np.uint8))[:, None]
@@ -200,26 +195,17 @@ class InpaintPipeline:
 
     # ----------------------------------------------------------------------------- tensor core
     @torch.inference_mode()
-    def inpaint_tensors(
-        self,
-        image: torch.Tensor,
-        fill: torch.Tensor,
-        recipe: Recipe = Recipe(),
-        *,
-        generator: torch.Generator | None = None,
-        noise: dict[str, torch.Tensor] | None = None,
-        callback: StepCallback | None = None,
-    ) -> torch.Tensor:
+    def inpaint_tensors(self, image: torch.Tensor, fill: torch.Tensor, recipe: Recipe = Recipe(),
+                        *, generator: torch.Generator | None = None, noise: dict | None = None,
+                        callback: StepCallback | None = None) -> torch.Tensor:  # fmt: skip
         """The recipe on a native batch: image [B,3,N,N] in [-1,1], fill [B,1,N,N] (1 = fill)
         -> decoded [B,3,N,N] float32 in about [-1,1] (not clamped, nothing pasted)."""
         n = self.native_size
         batch = image.shape[0]
         if image.shape != (batch, 3, n, n) or fill.shape != (batch, 1, n, n):
-            raise ValueError(
-                f"inpaint_tensors takes image [B, 3, {n}, {n}] and fill [B, 1, {n}, {n}], got "
-                f"{list(image.shape)} and {list(fill.shape)}; call the pipeline itself for "
-                "other sizes"
-            )
+            raise ValueError(f"inpaint_tensors takes image [B, 3, {n}, {n}] and fill [B, 1, {n}, "
+                             f"{n}], got {list(image.shape)} and {list(fill.shape)}; call the "
+                             "pipeline itself for other sizes")  # fmt: skip
         draws = self.draw_noise(batch, generator=generator, noise=noise)
         latents, masked_latents = self.encode(image, fill, draws)
         latent_mask = masks.latent_mask(fill.float(), latents.shape[-2:])
@@ -244,15 +230,10 @@ class InpaintPipeline:
         """The last int(steps * strength) DDIM timesteps: 20 at 0.99 -> [900, 850, ..., 0]."""
         return schedule(self.scheduler, steps, strength)[1]
 
-    def denoise(
-        self,
-        latents: torch.Tensor,
-        latent_mask: torch.Tensor,
-        masked_latents: torch.Tensor,
-        draws: dict[str, torch.Tensor],
-        recipe: Recipe = Recipe(),
-        callback: StepCallback | None = None,
-    ) -> torch.Tensor:
+    def denoise(self, latents: torch.Tensor, latent_mask: torch.Tensor,
+                masked_latents: torch.Tensor, draws: dict[str, torch.Tensor],
+                recipe: Recipe = Recipe(),
+                callback: StepCallback | None = None) -> torch.Tensor:  # fmt: skip
         """DDIM from the noised image latents with guidance; `callback(i, t, x)` after each step."""
         device, batch, g = self.device, latents.shape[0], recipe.guidance_scale
         scheduler, timesteps = schedule(self.scheduler, recipe.steps, recipe.strength, device)
@@ -274,4 +255,6 @@ class InpaintPipeline:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> image [B,3,H,W] float32 in about [-1,1] (not clamped)."""
+        if self.decoder is not None:
+            return tiny_decoder.decode(self.decoder, latents)
         return vae_lib.decode(self.vae, latents)

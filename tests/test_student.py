@@ -41,6 +41,20 @@ def test_from_original_reads_reference_config(parity):
     assert sum(p.numel() for p in model.parameters()) == meta["derived"]["num_parameters"]
 
 
+def test_from_original_rejects_unknown_keys_but_reads_the_full_diffusers_config():
+    root = shared_path("reference", "parity")
+    meta = json.loads((root / "config.json").read_text())
+    original = meta["config"]
+    full = {**original, "model": meta["full_effective_init_config"]}  # every diffusers key
+    assert MoebiusConfig.from_original(full) == MoebiusConfig.from_original(original)
+    bad = {**original, "model": {**original["model"], "use_lambda_self_attn": True}}  # a typo
+    with pytest.raises(ValueError, match=r"unsupported original model keys \['use_lambda_self"):
+        MoebiusConfig.from_original(bad)
+    other = {**original, "model": {**original["model"], "mid_block_type": "UNetMidBlock2D"}}
+    with pytest.raises(ValueError, match="mid_block_type"):
+        MoebiusConfig.from_original(other)
+
+
 @pytest.mark.parametrize("name", ["A", "B"])
 def test_noise_pred_matches_reference_fp32(parity, name):
     model, root = parity

@@ -28,7 +28,9 @@ def tiny():
 
 def _run(student, batch, cfg, perceptual=None):
     student.zero_grad(set_to_none=True)
-    eps, feats = student(batch["sample"], batch["timesteps"], batch["input_ids"], True)
+    eps, feats = student(
+        batch["sample"], batch["timesteps"], batch["input_ids"], return_features=True
+    )
     teacher_feats = [torch.randn_like(f) for f in feats]
     teacher_feats[5] = torch.randn_like(feats[2])  # the pair (2, 5) compares equal shapes
     p_f, p_o = weighting_params(student)

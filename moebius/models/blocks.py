@@ -19,7 +19,7 @@ TRANSFORMER_NORM_EPS = 1e-6
 class DepthwiseSeparableConv(nn.Module):
     """y = BN2(PW_1x1(ReLU(BN1(DW_kxk(x))))) (+ x when in == out): timm's DepthwiseSeparableConv."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, skip: bool = True):
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, *, skip: bool = True):
         super().__init__()
         self.conv_dw = nn.Conv2d(
             in_ch, in_ch, kernel_size, padding=kernel_size // 2, groups=in_ch, bias=False

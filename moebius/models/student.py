@@ -187,6 +187,7 @@ class MoebiusUNet(nn.Module):
         sample: torch.Tensor,
         timesteps: torch.Tensor | int,
         input_ids: torch.Tensor,
+        *,
         return_features: bool = False,
     ):
         """eps [B, 4, s, s]; with `return_features`, also the 6 stage outputs (down0-2, up0-2)."""

@@ -277,6 +277,7 @@ class PixelHackerUNet(nn.Module):
         sample: torch.Tensor,
         timesteps: torch.Tensor | int,
         input_ids: torch.Tensor,
+        *,
         return_features: bool = False,
     ):
         """eps [B, 4, h, w] for sample [B, 9, h, w], timesteps [1] or [B], input_ids [B, 10].
