@@ -77,3 +77,26 @@ def test_any_term_can_be_switched_off(tiny, task, output_kd, feature_kd, percept
     assert grads and all(torch.isfinite(g).all() for g in grads)
     floats = logs_to_floats(logs)
     assert floats["loss"] == pytest.approx(float(total.detach()))
+
+
+def test_adaptive_weights_under_gradient_checkpointing_change_nothing(tiny):
+    """The weighting backpropagates through the up path twice (norm, then the total): the loop's
+    checkpointed blocks recompute twice and must give the same numbers and BatchNorm statistics."""
+    from moebius.train.loop import enable_gradient_checkpointing
+
+    _, batch = tiny
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        student = MoebiusUNet(MoebiusConfig.tiny()).train()
+        if checkpointing:
+            enable_gradient_checkpointing(student)
+        total, logs = _run(student, batch, LossConfig(perceptual=False, log_all_norms=True))
+        total.backward()
+        grads = torch.cat([p.grad.flatten() for p in student.parameters()])
+        stats = torch.cat([b.flatten().double() for b in student.buffers()])
+        results.append((logs_to_floats(logs), grads, stats))
+    (logs_a, grads_a, stats_a), (logs_b, grads_b, stats_b) = results
+    assert logs_a == logs_b
+    torch.testing.assert_close(grads_a, grads_b, rtol=0, atol=1e-7)
+    assert torch.equal(stats_a, stats_b)

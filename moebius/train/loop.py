@@ -134,7 +134,8 @@ def resolve_perceptual(config: TrainConfig, device) -> tuple[TrainConfig, torch.
     """The E-LatentLPIPS metric when loss.perceptual is on and it can be built, else the term off.
 
     The metric needs the user's E-LatentLPIPS weights file, `loss.perceptual_weights` (spec 3.2;
-    nothing is downloaded here). When they are absent, the run trains without the term and says so at start.
+    nothing is downloaded here). When it is absent, the run trains without the term and says so
+    at start.
     """
     if not config.loss.perceptual:
         return config, None
@@ -194,6 +195,21 @@ def _frozen_batchnorm_stats(module: torch.nn.Module):
             bn.num_batches_tracked.copy_(tracked)
 
 
+class _FrozenBatchNormStatsContext:
+    """Re-enterable `_frozen_batchnorm_stats`: a block recomputes once per backward through it,
+    and the adaptive loss weights backpropagate through the up path twice per step."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __enter__(self):
+        self._active = _frozen_batchnorm_stats(self.module)
+        return self._active.__enter__()
+
+    def __exit__(self, *exc):
+        return self._active.__exit__(*exc)
+
+
 def enable_gradient_checkpointing(student: torch.nn.Module) -> None:
     """Recompute every resnet and transformer of the student in backward (keys unchanged)."""
     unet = student.diff_model
@@ -202,7 +218,7 @@ def enable_gradient_checkpointing(student: torch.nn.Module) -> None:
             forward = block.forward
 
             def contexts(block=block):
-                return contextlib.nullcontext(), _frozen_batchnorm_stats(block)
+                return contextlib.nullcontext(), _FrozenBatchNormStatsContext(block)
 
             block.forward = functools.partial(
                 checkpoint, forward, use_reentrant=False, context_fn=contexts
