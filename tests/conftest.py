@@ -152,27 +152,3 @@ def photo():
 @pytest.fixture
 def count_batches():
     return count_core_batches
-
-
-@contextmanager
-def negating_core(pipe):
-    """Replace the tensor core with a 'model' that negates the masked pixels (no network run).
-
-    Records every batch's inputs: `calls` holds (image [B,3,N,N], fill [B,1,N,N]) per call.
-    """
-    calls = []
-
-    def core(image, fill, *args, **kwargs):
-        calls.append((image.clone(), fill.clone()))
-        return torch.where(fill.bool(), -image, image)  # uint8 x -> about 255 - x in the hole
-
-    pipe.inpaint_tensors = core
-    try:
-        yield calls
-    finally:
-        del pipe.inpaint_tensors
-
-
-@pytest.fixture
-def fake_core():
-    return negating_core

@@ -1,6 +1,6 @@
 """InpaintPipeline with tiny random-weight components: recipe facts, any size, modes, I/O.
 
-Fixtures (`pipe`, `gen`, `native_pair`, `photo`, `far_from`, `count_batches`, `fake_core`, ...)
+Fixtures (`pipe`, `gen`, `native_pair`, `photo`, `far_from`, `count_batches`, ...)
 live in conftest.py.
 """
 

@@ -161,8 +161,14 @@ def test_health_and_info(client):
     assert info["defaults"]["steps"] == 20 and info["defaults"]["guidance_scale"] == 2.5
     assert info["limits"]["queue_size"] == 4 and info["limits"]["max_pixels"] == 10**6
     docs = client.get("/openapi.json").json()
-    form = docs["components"]["schemas"]["Body_inpaint_v1_inpaint_post"]["properties"]
-    assert all(field.get("description") for field in form.values())
+    schemas = docs["components"]["schemas"]
+    assert "Body_inpaint_v1_inpaint_post" in schemas and "IOPaintInpaintRequest" in schemas
+    undocumented = [(name, field) for name, schema in schemas.items()
+                    for field, spec in schema.get("properties", {}).items()
+                    if not spec.get("description")]  # fmt: skip
+    assert undocumented == []  # every field described
+    statuses = set(docs["paths"]["/v1/inpaint"]["post"]["responses"])
+    assert statuses == {"200", "400", "401", "413", "415", "503", "504"}  # 400, never 422
     assert client.get("/").headers["content-type"].startswith("text/html")
     assert "app.js" in client.get("/").text and client.get("/static/app.js").status_code == 200
 
@@ -242,6 +248,16 @@ def test_error_statuses(client, case):
     body = response.json()
     assert set(body) == {"error", "detail"} and error in body["error"] and body["detail"]
     assert "Traceback" not in response.text
+
+
+def test_chunked_upload_over_the_limit_is_413(client):
+    def chunks():  # no Content-Length: the limit is counted while reading
+        for _ in range(40):
+            yield b"\0" * 32768  # 1.25 MB in all, over the 1 MB limit
+
+    response = client.post("/v1/inpaint", content=chunks(),
+                           headers={"content-type": "multipart/form-data; boundary=x"})  # fmt: skip
+    assert response.status_code == 413 and response.json()["error"] == "upload too large"
 
 
 @pytest.mark.parametrize(
@@ -414,9 +430,14 @@ def test_graceful_shutdown_finishes_in_flight(pipe):
 
 
 # --------------------------------------------------------------------------- command line
-def test_serve_refuses_open_bind_without_key(capsys):
+def test_serve_refuses_open_bind_without_key(capsys, monkeypatch):
+    monkeypatch.delenv("MOEBIUS_API_KEY", raising=False)
     assert cli.main(["serve", "--host", "0.0.0.0", "--weights", "/nowhere"]) == 2
     assert "--api-key" in capsys.readouterr().err
+    monkeypatch.setenv("MOEBIUS_API_KEY", "s3cret")  # with a key it gets as far as the weights
+    assert cli.main(["serve", "--host", "0.0.0.0", "--weights", "/nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "/nowhere" in err and "--api-key" not in err
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
     assert not is_loopback("example.com")

@@ -163,6 +163,24 @@ def test_paint_run_download(page, server):
     changed = (after != before).any(axis=-1)
     assert changed[fill].mean() > 0.9  # random weights fill the hole with something else
 
+    # Before / after: the view shows the result; holding Tab or the compare slider the original.
+    x, y = int(cols.mean()), int(rows.mean())
+    assert fill[y, x] and (after[y, x] != before[y, x]).any()
+
+    def shown() -> np.ndarray:
+        rgba = page.evaluate(f"Array.from(viewCtx.getImageData({x}, {y}, 1, 1).data)")
+        return np.array(rgba[:3])
+
+    assert np.abs(shown() - after[y, x]).max() <= 2
+    page.keyboard.down("Tab")
+    assert np.abs(shown() - before[y, x]).max() <= 2
+    page.keyboard.up("Tab")
+    assert np.abs(shown() - after[y, x]).max() <= 2
+    page.locator("#compare").fill("100")  # slider fully right: all original
+    assert np.abs(shown() - before[y, x]).max() <= 2
+    page.keyboard.press("]")
+    assert page.input_value("#size") == "45"
+
     # Continue editing: the result becomes the input, with an empty mask.
     page.click("#continue")
     page.wait_for_function("document.getElementById('undo').disabled")

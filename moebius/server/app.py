@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import random
-import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,7 +25,7 @@ from typing import Annotated, Literal
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
@@ -34,16 +33,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import moebius
 from moebius import options as opts
+from moebius.server.middleware import Admission, ApiError, ApiKey, UploadLimit, error_response
 from moebius.server.schemas import ErrorBody, Health, Info
-from moebius.server.uploads import ApiError, check_pair, decode_image, encode_image
+from moebius.server.uploads import check_pair, decode_image, encode_image
 from moebius.server.worker import Cancelled, InferenceWorker, Job, NotReady, QueueFull
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_SEED = 0  # as `moebius inpaint --seed`: the same request gives the same image
-PROTECTED_PREFIXES = ("/v1/", "/api/")
-INPAINT_PATHS = ("/v1/inpaint", "/api/v1/inpaint")  # paths that need the API key when one is set
+INPAINT_PATHS = ("/v1/inpaint", "/api/v1/inpaint")  # admission-checked before the body is read
 ERRORS = {  # status -> when, for the OpenAPI docs of the inpaint endpoints
     400: "bad or mismatched input (corrupt image, mask of another size, bad option)",
     401: "missing or wrong API key",
@@ -68,102 +67,6 @@ class ServerConfig:
     model: str = opts.DEFAULT_MODEL
     variant: str | None = opts.DEFAULT_VARIANT
     weights: str | None = None
-
-
-def _error(status: int, error: str, detail: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail}, status, headers=headers)
-
-
-# --------------------------------------------------------------------------- ASGI middlewares
-class UploadLimit:
-    """413 for request bodies over `max_bytes`: from Content-Length, else counted while read.
-
-    A body without Content-Length (chunked) is read here up to the limit and replayed to the app,
-    so memory per request never exceeds the limit.
-    """
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        too_large = _error(
-            413,
-            "upload too large",
-            f"the request body is over the server's limit of {self.max_bytes / 2**20:g} MB "
-            "(--max-upload-mb); send a smaller file",
-        )
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
-            if not length.isdigit() or int(length) > self.max_bytes:
-                return await too_large(scope, receive, send)
-            return await self.app(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_bytes:
-                return await too_large(scope, receive, send)
-        body = b"".join(chunks)
-
-        async def replay():
-            nonlocal body
-            message, body = {"type": "http.request", "body": body, "more_body": False}, b""
-            return message
-
-        return await self.app(scope, replay, send)
-
-
-class ApiKey:
-    """401 unless `Authorization: Bearer KEY` or `X-API-Key: KEY` on every /v1 and /api call."""
-
-    def __init__(self, app, key: str | None):
-        self.app, self.key = app, key
-
-    async def __call__(self, scope, receive, send):
-        if self.key is None or scope["type"] != "http" or scope["method"] == "OPTIONS":
-            return await self.app(scope, receive, send)
-        if not scope["path"].startswith(PROTECTED_PREFIXES):
-            return await self.app(scope, receive, send)  # the page and /docs hold no data
-        headers = dict(scope["headers"])
-        given = headers.get(b"x-api-key", b"").decode("latin-1")
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        if auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        if not given or not secrets.compare_digest(given.encode(), self.key.encode()):
-            response = _error(
-                401,
-                "unauthorized",
-                "this server needs its API key: send 'Authorization: Bearer KEY' or "
-                "'X-API-Key: KEY' (the web page has a field for it)",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-            return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-class Admission:
-    """503 for an inpaint request before its body is read when the queue is full or not ready.
-
-    Under a burst, refusals then cost no upload parsing; the endpoint checks again (a race).
-    """
-
-    def __init__(self, app, service: Service, paths: tuple[str, ...]):
-        self.app, self.service, self.paths = app, service, paths
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths:
-            try:
-                self.service.check_ready()
-            except ApiError as err:
-                response = _error(err.status, err.error, err.detail, err.headers)
-                return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
 
 
 # --------------------------------------------------------------------------- running a job
@@ -347,6 +250,7 @@ def create_app(load_pipeline: Callable, config: ServerConfig = ServerConfig()) -
         lifespan=lifespan,
     )
     app.state.service = service
+    app.openapi = lambda: _openapi(app)
     _install_error_handlers(app)
 
     @app.post(
@@ -424,7 +328,7 @@ def create_app(load_pipeline: Callable, config: ServerConfig = ServerConfig()) -
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # The last added runs first: API key, then admission, then the upload limit.
     app.add_middleware(UploadLimit, max_bytes=int(config.max_upload_mb * 2**20))
-    app.add_middleware(Admission, service=service, paths=INPAINT_PATHS)
+    app.add_middleware(Admission, check=service.check_ready, paths=INPAINT_PATHS)
     app.add_middleware(ApiKey, key=config.api_key)
     return app
 
@@ -463,10 +367,38 @@ def _info(service: Service) -> Info:
     )
 
 
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema without its 422 answers: invalid requests get 400 here (ErrorBody)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(
+            title=app.title, version=app.version, routes=app.routes, description=app.description
+        )
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                if operation.get("responses", {}).pop("422", None) is not None:
+                    operation["responses"].setdefault(
+                        "400",
+                        ERROR_RESPONSES[400]
+                        | {
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/ErrorBody"}
+                                }
+                            }
+                        },
+                    )
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def api_error(request, err: ApiError):
-        return _error(err.status, err.error, err.detail, err.headers)
+    async def apierror_response(request, err: ApiError):
+        return error_response(err.status, err.error, err.detail, err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, err: RequestValidationError):
@@ -474,13 +406,13 @@ def _install_error_handlers(app: FastAPI) -> None:
             f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
             for e in err.errors()
         ]
-        return _error(400, "invalid request", "; ".join(problems))
+        return error_response(400, "invalid request", "; ".join(problems))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request, err: StarletteHTTPException):
+    async def httperror_response(request, err: StarletteHTTPException):
         from http import HTTPStatus
 
-        return _error(
+        return error_response(
             err.status_code,
             HTTPStatus(err.status_code).phrase.lower(),
             str(err.detail),
@@ -490,4 +422,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal(request, err: Exception):  # a bug: logged, never a traceback to the client
         logger.exception("unhandled error on %s", request.url.path)
-        return _error(500, "internal error", "the server failed on this request; see its log")
+        return error_response(
+            500, "internal error", "the server failed on this request; see its log"
+        )

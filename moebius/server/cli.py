@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 
 from moebius import options as opts
 
@@ -61,7 +62,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=_positive(float), default=50.0, help="MB (50)")
     p.add_argument("--timeout", type=_positive(float), default=600.0,
                    help="seconds from arrival to answer, else 504 (600)")  # fmt: skip
-    p.add_argument("--api-key", help="require this key (Authorization: Bearer KEY)")
+    p.add_argument("--api-key", default=os.environ.get("MOEBIUS_API_KEY"),
+                   help="require this key (Authorization: Bearer KEY); default: $MOEBIUS_API_KEY, "
+                   "which keeps it out of the process list")  # fmt: skip
     p.set_defaults(func=run)
     return p
 

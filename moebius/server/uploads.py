@@ -13,6 +13,8 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from moebius.server.middleware import ApiError
+
 MIN_SIDE = 8  # px: one latent pixel of the VAE; smaller images hold nothing to inpaint from
 JPEG_QUALITY = 95
 # output_format -> (PIL format, media type)
@@ -22,14 +24,6 @@ FORMATS = {
     "webp": ("WEBP", "image/webp"),
 }
 _FORMAT_OF_PIL = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp"}
-
-
-class ApiError(Exception):
-    """An HTTP error answered as JSON {"error": short, "detail": what to do}."""
-
-    def __init__(self, status: int, error: str, detail: str, headers: dict | None = None):
-        super().__init__(f"{status} {error}: {detail}")
-        self.status, self.error, self.detail, self.headers = status, error, detail, headers
 
 
 def decode_image(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, str]:
