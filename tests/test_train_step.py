@@ -72,6 +72,11 @@ def test_any_term_can_be_switched_off(tiny, task, output_kd, feature_kd, percept
     assert (logs["weight_output_kd"] is None) == (not output_kd)
     assert (logs["weight_perceptual"] is None) == (not perceptual)
     assert (logs["weight_feature"] is None) == (not feature_kd)
+    # log_all_norms: every norm of an active term is there, none of an inactive one.
+    assert (logs["feat_gnorm_feature_kd"] is None) == (not feature_kd)
+    for term in ("task", "output_kd", "perceptual"):
+        assert (logs[f"out_gnorm_{term}"] is None) == (not on[term])
+        assert (logs[f"feat_gnorm_{term}"] is None) == (not (on[term] and feature_kd))
     total.backward()
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)

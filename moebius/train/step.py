@@ -174,6 +174,7 @@ def _gradient_norms(cfg, losses, eps_student, feature_param, output_param) -> di
     if at_feature:
         values = W.vjp_norms(eps_student, feature_param, [cotangents[k] for k in at_feature])
         norms.update({f"feat_gnorm_{k}": v for k, v in zip(at_feature, values, strict=True)})
+    if on["feature_kd"] and (adaptive or log_all):  # local: through P_f's own conv only
         norms["feat_gnorm_feature_kd"] = W.param_grad_norm(losses["feature_kd"], feature_param)
     return norms
 
