@@ -107,7 +107,12 @@ def _load_pipeline(args, files: hub.WeightFiles, device: str):
             f"cannot load the weights ({files.unet_weights}, {files.vae_dir}): {first}. "
             "Rerun with --debug for details"
         ) from err
-    pipe.to(device, getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    if getattr(args, "fast", False):  # fold and fuse in float32 first, then cast
+        pipe.to(device).optimize(dtype)
+        pipe.vae.to(dtype=dtype)
+    else:
+        pipe.to(device, dtype)
     logger.info("loaded %s on %s (%s); native size %d px", files.unet_weights, device,
                 args.dtype, pipe.native_size)  # fmt: skip
     return pipe
@@ -249,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="Hugging Face cache folder (default: HF_HOME's)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
     p.add_argument("--dtype", choices=options.DTYPES, default="float32")
+    p.add_argument("--fast", action="store_true",
+                   help="optimised UNet (same outputs); bf16 with --dtype bfloat16")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed, the same for every image")
     # Recipe options left unset take the pipeline's defaults, which are the original's.
     p.add_argument("--steps", type=int, help="DDIM steps of the schedule")
@@ -293,8 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     server_cli.add_parser(sub)
 
-    from moebius.export import cli as export_cli  # torch-free until it runs
+    from moebius.eval import cli as eval_cli  # torch-free until they run
+    from moebius.export import cli as export_cli
 
+    eval_cli.add_parser(sub)
     export_cli.add_parser(sub)
     for p in sub.choices.values():  # --debug also after the subcommand; SUPPRESS keeps the top's
         if "-" in p.prefix_chars:  # not `train` / `data`, which pass their arguments on
