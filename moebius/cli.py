@@ -1,25 +1,33 @@
 """The `moebius` command: `inpaint` (a file or a folder), `download` (fill the cache), `convert`.
 
-Start-up stays light: inputs are paired and the weight files located (moebius.hub, no torch)
-before torch and the pipeline are imported, so a missing file or missing weights are reported
-at once. Exit status: 0 done, 1 some files failed (each reported, the rest finished), 2 the
-command could not start (bad arguments, no weights).
+Start-up stays light and fails early: options are checked (moebius.options), inputs paired and
+outputs checked against them (moebius.jobs) and the output folder tested for writing before
+torch is imported; the device is checked before the weights are located (moebius.hub, no torch),
+and the weights are located before they are loaded. Exit status: 0 done, 1 some files failed
+(each reported, the rest finished), 2 the command could not start (bad option, an output over an
+input, no weights, unreadable weights), 130 interrupted (Ctrl-C or SIGTERM; finished files stay,
+a rerun does the rest). Errors are one line on stderr; `--debug` or MOEBIUS_DEBUG=1 adds the
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import signal
 import sys
-from dataclasses import dataclass
+import threading
+import traceback
 from pathlib import Path
 
 from moebius import __version__, hub, options
+from moebius.errors import MoebiusError, UsageError
+from moebius.jobs import Job, check_writable, plan_jobs
 
 logger = logging.getLogger("moebius")
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-MASK_SUFFIX = "_mask"  # NAME.png's mask is MASK_DIR/NAME_mask.png or MASK_DIR/NAME.png
 # CLI option -> pipeline keyword. Options left unset (None) take the pipeline's defaults, which
 # are the original recipe's: the numbers live there only.
 PIPELINE_OPTIONS = {
@@ -27,91 +35,78 @@ PIPELINE_OPTIONS = {
     "noise_offset": "noise_offset", "strategy": "strategy", "margin": "margin",
     "dilate": "mask_dilation", "task": "task", "batch_size": "batch_size",
 }  # fmt: skip
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
-class UsageError(Exception):
-    """The command cannot start as given; the message says what to change."""
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
 
-@dataclass
-class Job:
-    """One image to inpaint: where it is, its mask, where the result goes, or why it cannot run."""
-
-    image: Path
-    mask: Path | None
-    out: Path
-    error: str | None = None
-
-
-# --------------------------------------------------------------------------------- pairing inputs
-def is_image_file(path: Path) -> bool:
-    return (
-        path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-    )
+# ------------------------------------------------------------------------------- up-front checks
+def check_options(args) -> None:
+    """Every inpaint option, before any file is read (UsageError naming the flag)."""
+    values = {key: getattr(args, dest) for dest, key in PIPELINE_OPTIONS.items()}
+    names = {key: _flag(dest) for dest, key in PIPELINE_OPTIONS.items()}
+    names.update(device="--device", max_pixels="--max-pixels")
+    try:
+        options.validate(names, **values, device=args.device, max_pixels=args.max_pixels)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
-def find_mask(mask_dir: Path, image: Path) -> Path:
-    """The mask of `image` in `mask_dir` by stem: NAME_mask.<ext> or NAME.<ext>, never by order."""
-    names = [f"{image.stem}{MASK_SUFFIX}", image.stem]
-    found = [p for p in sorted(mask_dir.iterdir()) if p.stem in names and is_image_file(p)]
-    found = [p for p in found if p.resolve() != image.resolve()]  # an image is not its own mask
-    if len(found) != 1:
-        wanted = f"{names[0]}.png or {names[1]}.png"
-        problem = (
-            "no mask" if not found else f"{len(found)} masks ({', '.join(p.name for p in found)})"
-        )
-        raise LookupError(
-            f"{problem} for {image.name} in {mask_dir}: expected exactly one of {wanted}"
-        )
-    return found[0]
+def select_device(device: str, dtype: str) -> str:
+    """The device to run on ("auto" resolved), or UsageError if it is absent or lacks `dtype`."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is built without CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)")  # fmt: skip
+            raise UsageError(f"--device {device}: {why} (torch {torch.__version__}); use --device "
+                             "cpu, or auto to take a GPU only when there is one")  # fmt: skip
+        count = torch.cuda.device_count()
+        if index and int(index) >= count:
+            raise UsageError(f"--device {device}: {count} GPU(s) here, cuda:0..cuda:{count - 1}")
+        if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+            raise UsageError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} does not "
+                             "support it; use --dtype float16 or float32")  # fmt: skip
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: Apple's MPS is not available here; use --device cpu")
+    return device
 
 
-def plan_jobs(image_arg: Path, mask_arg: Path, out_arg: Path) -> list[Job]:
-    """File mode (IMAGE MASK -o OUT) or folder mode (IMG_DIR MASK_DIR|MASK -o OUT_DIR)."""
-    if not image_arg.exists():
-        raise UsageError(f"{image_arg} does not exist")
-    if not mask_arg.exists():
-        raise UsageError(f"mask {mask_arg} does not exist")
-    if image_arg.is_file():
-        if mask_arg.is_dir():
-            raise UsageError(f"{image_arg} is a file, so the mask must be a file, not {mask_arg}")
-        if out_arg.is_dir():
-            out_arg = out_arg / f"{image_arg.stem}.png"
-        return [Job(image_arg, mask_arg, out_arg)]
-    if out_arg.exists() and not out_arg.is_dir():
-        raise UsageError(f"{image_arg} is a folder, so -o must be a folder; {out_arg} is a file")
-    same_dir = mask_arg.is_dir() and mask_arg.resolve() == image_arg.resolve()
-    images = [p for p in sorted(image_arg.iterdir()) if is_image_file(p)]
-    if same_dir:  # masks live beside their images: NAME_mask.png is not an image to inpaint
-        images = [p for p in images if not p.stem.endswith(MASK_SUFFIX)]
-    if not images:
-        raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {image_arg}")
-    jobs, outputs = [], {}
-    for image in images:
-        job = Job(image, mask_arg if mask_arg.is_file() else None, out_arg / f"{image.stem}.png")
-        if job.mask is None:
-            try:
-                job.mask = find_mask(mask_arg, image)
-            except LookupError as err:
-                job.error = str(err)
-        if job.out in outputs:
-            job.error = f"{image.name} and {outputs[job.out].name} would both write {job.out.name}"
-        outputs[job.out] = image
-        jobs.append(job)
-    return jobs
+def check_recipe(args) -> None:
+    """Combinations of recipe options (e.g. --strength so small that no step runs)."""
+    from moebius.recipe import Recipe
+
+    given = {key: getattr(args, dest) for dest, key in PIPELINE_OPTIONS.items()}
+    fields = ("steps", "strength", "guidance_scale", "noise_offset", "task")
+    try:
+        Recipe(**{k: given[k] for k in fields if given[k] is not None})
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 # --------------------------------------------------------------------------------- inpaint
-def _pipeline(args, files: hub.WeightFiles):
-    """Load the pipeline (imports torch) on the requested device and dtype."""
+def _load_pipeline(args, files: hub.WeightFiles, device: str):
+    """Load the pipeline on `device` / --dtype; any load failure becomes one line naming files."""
     import torch
 
     from moebius.pipeline import InpaintPipeline
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = InpaintPipeline.from_files(files, model=args.model)
+    try:
+        pipe = InpaintPipeline.from_files(files, model=args.model)
+    except MoebiusError:
+        raise
+    except (ValueError, OSError, RuntimeError, KeyError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise MoebiusError(
+            f"cannot load the weights ({files.unet_weights}, {files.vae_dir}): {first}. "
+            "Rerun with --debug for details"
+        ) from err
     pipe.to(device, getattr(torch, args.dtype))
     logger.info("loaded %s on %s (%s); native size %d px", files.unet_weights, device,
                 args.dtype, pipe.native_size)  # fmt: skip
@@ -124,10 +119,11 @@ def _inpaint_one(pipe, job: Job, args) -> None:
 
     from moebius.images import load_image, save_image_atomic
 
-    image, mask = load_image(job.image), load_image(job.mask)
-    options = {key: getattr(args, name) for name, key in PIPELINE_OPTIONS.items()}
+    image = load_image(job.image, max_pixels=args.max_pixels)
+    mask = load_image(job.mask, max_pixels=args.max_pixels)
+    options_ = {key: getattr(args, name) for name, key in PIPELINE_OPTIONS.items()}
     result = pipe(
-        image, mask, **{key: value for key, value in options.items() if value is not None},
+        image, mask, **{key: value for key, value in options_.items() if value is not None},
         invert_mask=args.invert_mask, resize_mask=args.resize_mask, paste=not args.no_paste,
         compensate=args.compensate, generator=torch.Generator().manual_seed(args.seed),
     )  # fmt: skip
@@ -135,34 +131,87 @@ def _inpaint_one(pipe, job: Job, args) -> None:
     save_image_atomic(result, job.out, drop_alpha=True)  # JPEG: warn, write without alpha
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM ends the run like Ctrl-C (KeyboardInterrupt): the current file is abandoned
+    without a partial output, the summary is printed, the exit status is 130."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # main() called from a thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def cmd_inpaint(args) -> int:
-    jobs = plan_jobs(Path(args.image), Path(args.mask), Path(args.output))
+    check_options(args)
+    jobs = plan_jobs(Path(args.image), Path(args.mask), Path(args.output), args.suffix)
     todo = [j for j in jobs if j.error or args.overwrite or not j.out.exists()]
-    if len(todo) < len(jobs):
-        logger.info("skipping %d image(s) whose output exists (--overwrite to redo them)",
-                    len(jobs) - len(todo))  # fmt: skip
+    skipped = len(jobs) - len(todo)
+    if skipped:
+        logger.info("skipping %d image(s) whose output exists (--overwrite to redo them)", skipped)
     failures = [j for j in todo if j.error]
     runnable = [j for j in todo if not j.error]
+    done: list[Job] = []
     if runnable:
-        files = hub.resolve(args.weights, args.variant, model=args.model or options.DEFAULT_MODEL,
-                            cache_dir=args.cache_dir)  # fmt: skip
-        pipe = _pipeline(args, files)
-        from tqdm.auto import tqdm
+        check_writable(runnable)
+        # A folder or the cache answers without torch; a download waits for the checks below.
+        files = hub.resolve_without_download(**_weights(args))
+        device = select_device(args.device, args.dtype)
+        check_recipe(args)
+    try:
+        if runnable:
+            _run(args, files, runnable, device, done, failures)
+    except KeyboardInterrupt:
+        left = len(runnable) - len(done) - len([j for j in failures if j in runnable])
+        _report(failures)
+        logger.error("interrupted: %d done, %d skipped, %d failed, %d not done. Run the same "
+                     "command again to do the rest: finished outputs are skipped",
+                     len(done), skipped, len(failures), left)  # fmt: skip
+        return EXIT_INTERRUPTED
+    _report(failures)
+    logger.info("%d done, %d skipped, %d failed", len(done), skipped, len(failures))
+    return 1 if failures else 0
 
-        folder = len(jobs) > 1 or Path(args.image).is_dir()
-        pipe.set_progress_bar_config(disable=args.quiet or folder, leave=False)
-        for job in tqdm(runnable, desc="inpaint", unit="image", disable=args.quiet or not folder):
+
+def _weights(args) -> dict:
+    """Where the weights are: `hub.resolve` keywords from the options."""
+    return dict(pretrained=args.weights, variant=args.variant, cache_dir=args.cache_dir,
+                model=args.model or options.DEFAULT_MODEL)  # fmt: skip
+
+
+def _run(args, files, runnable: list[Job], device: str, done: list[Job], failures: list[Job]):
+    """Load the weights (download them if `files` is None) and inpaint each job; `done` and
+    `failures` grow as files finish."""
+    if files is None:
+        files = hub.resolve(**_weights(args))
+    pipe = _load_pipeline(args, files, device)
+    from tqdm.auto import tqdm
+
+    folder = len(runnable) > 1 or Path(args.image).is_dir()
+    pipe.set_progress_bar_config(disable=args.quiet or folder, leave=False)
+    with tqdm(runnable, desc="inpaint", unit="image", disable=args.quiet or not folder) as bar:
+        for job in bar:
             try:
                 _inpaint_one(pipe, job, args)
             except Exception as err:  # one bad file must not stop the others
-                logger.debug("failure on %s", job.image, exc_info=True)
-                job.error = f"{type(err).__name__}: {err}"
+                if _debug(args):
+                    logger.exception("failure on %s", job.image)
+                job.error = str(err) if isinstance(err, MoebiusError) else _one_line(err)
                 failures.append(job)
+            else:
+                done.append(job)
+
+
+def _report(failures: list[Job]) -> None:
     for job in failures:
         logger.error("failed: %s: %s", job.image, job.error)
-    done = len(runnable) - len([j for j in failures if j in runnable])
-    logger.info("%d done, %d skipped, %d failed", done, len(jobs) - len(todo), len(failures))
-    return 1 if failures else 0
 
 
 # ----------------------------------------------------------------------------- download, convert
@@ -176,35 +225,55 @@ def cmd_download(args) -> int:
 
 def _original_config(path: Path | None, model: str):
     """Architecture for a released .bin: the original config JSON (optionally under "config")."""
-    import json
-
-    from moebius.models.checkpoints import released_config
+    from moebius.models.checkpoints import CheckpointError, read_json, released_config
 
     if path is None:
         return released_config(model)
-    data = json.loads(path.read_text())
+    data = read_json(path)
     num_embeddings = data.get("num_embeddings", 20)
     data = data.get("config", data)
     if model == options.DEFAULT_MODEL:
-        from moebius.models import MoebiusConfig
-
-        return MoebiusConfig.from_original(data, num_embeddings=num_embeddings)
-    from moebius.models.teacher import PixelHackerConfig
-
-    return PixelHackerConfig.from_original(data, num_embeddings=num_embeddings)
+        from moebius.models import MoebiusConfig as config_cls
+    else:
+        from moebius.models.teacher import PixelHackerConfig as config_cls
+    try:
+        return config_cls.from_original(data, num_embeddings=num_embeddings)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path} is not an original {model} config: {err}") from err
 
 
 def cmd_convert(args) -> int:
+    """Build OUT_DIR in a temporary folder beside it and rename it at the end: a failure (or
+    Ctrl-C) leaves nothing behind, and an existing OUT_DIR is never half overwritten."""
+    import shutil
+    import tempfile
+
+    source, out = Path(args.bin), Path(args.out_dir)
+    if not source.is_file():
+        raise UsageError(f"{source} does not exist or is not a file (a released .bin)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} exists and is not an empty folder; choose a new OUT_DIR")
+    if args.config and not Path(args.config).is_file():
+        raise UsageError(f"--config {args.config} does not exist")
+    if args.vae and not (Path(args.vae) / hub.CONFIG_NAME).is_file():
+        raise UsageError(f"--vae {args.vae} is not a VAE folder (it has no {hub.CONFIG_NAME})")
+    check_writable([Job(source, None, out / hub.UNET_FOLDER)])
     from moebius.models import checkpoints
 
-    out = Path(args.out_dir)
     config = _original_config(Path(args.config) if args.config else None, args.model)
-    checkpoints.convert_original(args.bin, config, out / hub.UNET_FOLDER)
-    if args.vae:
-        from moebius.vae import load_vae
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
+    try:
+        checkpoints.convert_original(source, config, work / hub.UNET_FOLDER)
+        if args.vae:
+            from moebius.vae import load_vae
 
-        load_vae(args.vae).save_pretrained(out / hub.VAE_FOLDER, safe_serialization=True)
-    else:
+            load_vae(args.vae).save_pretrained(work / hub.VAE_FOLDER, safe_serialization=True)
+        os.replace(work, out)  # atomic; an empty `out` folder is replaced
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if not args.vae:
         logger.info("wrote %s only; add --vae DIR to make %s a complete weights folder",
                     out / hub.UNET_FOLDER, out)  # fmt: skip
     print(out)
@@ -215,6 +284,8 @@ def cmd_convert(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moebius", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks of errors (also MOEBIUS_DEBUG=1)")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -222,10 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fill the white (255) part of MASK in IMAGE. Folder mode: "
                        "IMG_DIR MASK_DIR -o OUT_DIR pairs NAME.ext with MASK_DIR/NAME_mask.png "
                        "or MASK_DIR/NAME.png by name (MASK may also be one file for all images) "
-                       "and writes OUT_DIR/NAME.png.")  # fmt: skip
+                       "and writes OUT_DIR/NAME.png. Outputs never replace inputs.")  # fmt: skip
     p.add_argument("image", help="image file or folder")
     p.add_argument("mask", help="mask file (white = fill) or folder of masks")
     p.add_argument("-o", "--output", required=True, help="output file or folder")
+    p.add_argument("--suffix", default="", help="name results NAME<SUFFIX>.png, e.g. _inpainted "
+                   "(needed to write into the input folder)")  # fmt: skip
     p.add_argument("--weights", help="weights folder or hub repo (default: the --model repo)")
     p.add_argument("--model", choices=options.MODELS, default=None,
                    help="the student (default) or its pixelhacker teacher")  # fmt: skip
@@ -250,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=options.TASKS,
                    help="remove (fill with background, default) or object")  # fmt: skip
     p.add_argument("--batch-size", type=int, help="native-size windows per model batch")
+    p.add_argument("--max-pixels", type=int, default=options.DEFAULT_MAX_PIXELS,
+                   help="refuse larger images, from the header (default: %(default)s)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="redo outputs that exist")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_inpaint)
@@ -262,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="released .bin -> our folder (unet/ [+ vae/])")
     p.add_argument("bin", help="released diffusion_pytorch_model.bin")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="new folder to create (written whole, or not at all)")
     p.add_argument("--model", choices=options.MODELS, default=options.DEFAULT_MODEL)
     p.add_argument("--config", help="original config JSON (default: the released architecture)")
     p.add_argument("--vae", help="VAE folder to include, e.g. the released vae/")
@@ -282,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     from moebius.export import cli as export_cli  # torch-free until it runs
 
     export_cli.add_parser(sub)
+    for p in sub.choices.values():  # --debug also after the subcommand; SUPPRESS keeps the top's
+        if "-" in p.prefix_chars:  # not `train` / `data`, which pass their arguments on
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                           help=argparse.SUPPRESS)  # fmt: skip
     return parser
 
 
@@ -291,8 +370,24 @@ def _train_cli(command: str, argv: list[str]) -> int:
     return train_main([command, *argv])
 
 
+_nothing = contextlib.nullcontext
+
+
+def _debug(args) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("MOEBIUS_DEBUG", "") == "1"
+
+
+def _one_line(err: BaseException) -> str:
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `moebius` command; returns the exit status."""
+    """Entry point of the `moebius` command; returns the exit status.
+
+    A `MoebiusError` (what the user can fix) is printed as one line, exit 2; Ctrl-C exits 130;
+    anything else is a bug, printed as one line asking for --debug (which shows the traceback).
+    """
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help, --version (0) or a bad option (2): argparse has printed
@@ -300,10 +395,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="moebius: %(message)s")  # fmt: skip
     try:
-        return args.func(args)
-    except (UsageError, hub.WeightsNotFoundError, ValueError) as err:
+        with _sigterm_as_interrupt() if args.command in ("inpaint", "convert") else _nothing():
+            return args.func(args)
+    except KeyboardInterrupt:  # inpaint reports its own once files are being written
+        print("moebius: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MoebiusError as err:
+        if _debug(args):
+            traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
+    except Exception as err:
+        if _debug(args):
+            raise
+        print(f"error: {_one_line(err)}. This is unexpected: rerun with --debug (or "
+              "MOEBIUS_DEBUG=1) for the traceback, and report it", file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":

@@ -17,3 +17,7 @@ class MoebiusError(Exception):
 
 class UsageError(MoebiusError, ValueError):
     """The command cannot start as given (an option, a path); the message says what to change."""
+
+
+class MissingFileError(MoebiusError, FileNotFoundError):
+    """A file the command needs is not there; the message names it and what should be there."""

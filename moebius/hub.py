@@ -102,6 +102,27 @@ def resolve(
     return WeightFiles(unet_weights=paths[0], unet_config=None, vae_dir=paths[1].parent)
 
 
+def resolve_without_download(
+    pretrained: str | os.PathLike | None = None,
+    variant: str = DEFAULT_VARIANT,
+    *,
+    model: str = DEFAULT_MODEL,
+    cache_dir: str | os.PathLike | None = None,
+) -> WeightFiles | None:
+    """`resolve` when it needs no download (a folder, or files in the cache); None when a download
+    would be needed and may work. Errors that need no network (no such folder, offline) are raised.
+    The CLI calls this before importing torch, and downloads only once the options are checked."""
+    hub_repo = pretrained is None or not (
+        Path(pretrained).is_dir() or _looks_like_path(str(pretrained)) or "/" not in str(pretrained)
+    )
+    if not hub_repo or _hub_is_offline():
+        return resolve(pretrained, variant, model=model, cache_dir=cache_dir)
+    try:
+        return resolve(pretrained, variant, model=model, cache_dir=cache_dir, local_files_only=True)
+    except WeightsNotFoundError:
+        return None
+
+
 def _looks_like_path(name: str) -> bool:
     """True for what cannot be a hub repo id ("owner/name"): absolute, ./ ~/ or deeper paths."""
     return (

@@ -7,15 +7,20 @@ The model sees 8-bit RGB only. `to_rgb` converts any PIL mode and records what i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from moebius.errors import MoebiusError
+from moebius.options import DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +32,17 @@ HIGH_BIT_DEPTH = {"I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 32, "F
 NO_ALPHA_FORMATS = ("JPEG", "JPEG2000", "MPO")
 
 
-class ImageError(ValueError):
+class ImageError(MoebiusError, ValueError):
     """An image file cannot be read or written; the message names the file and what to do."""
+
+
+class ImageTooLargeError(ImageError):
+    """A valid image file with more pixels than the limit allows (refused before decoding)."""
+
+
+# PIL's own decompression-bomb check warns above 89 MP and refuses above 179 MP; `load_image`
+# applies `max_pixels` instead, so it switches PIL's off while it opens and decodes a file.
+_PIL_LIMIT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -46,23 +60,62 @@ class ImageInfo:
         return self.mode in ("1", "L", "LA", "La", *HIGH_BIT_DEPTH)
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image file, upright (EXIF orientation applied); else ImageError."""
+def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image file, upright (EXIF orientation applied); else ImageError.
+
+    An image of more than `max_pixels` pixels (None: no limit) raises ImageTooLargeError from
+    its header, before any decoding. 16-bit RGB(A) files are read as 8 bits per channel (PIL keeps
+    the high byte; the model works in 8 bits), with a warning; 16-bit greyscale stays 16-bit here
+    (see `gray_to_8bit`).
+    """
     path = Path(path)
     try:
-        with Image.open(path) as image:  # leaving the block closes the file, keeps the pixels
+        # Leaving the `with Image.open` block closes the file and keeps the pixels.
+        with _PIL_LIMIT_LOCK, _pil_limit(None), Image.open(path) as image:
+            _check_pixels(path, image.size, max_pixels)
+            if image.mode in ("RGB", "RGBA") and _rawmode(image).endswith(";16B"):
+                logger.warning("%s: 16-bit %s is read as 8 bits per channel (the model works in "
+                               "8 bits); the result is 8-bit", path.name, image.mode)  # fmt: skip
             image.load()  # decode now: truncated files fail here, not later in the pipeline
-            ImageOps.exif_transpose(image, in_place=True)  # no copy of a 12000 x 12000 photo
-    except FileNotFoundError as err:
-        raise ImageError(f"image file {str(path)!r} does not exist; check the path") from err
-    except IsADirectoryError as err:
-        raise ImageError(f"{str(path)!r} is a folder, not an image file") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ImageError(
-            f"cannot read image file {str(path)!r} ({type(err).__name__}: {err}); it is corrupt, "
-            "truncated or not an image: re-export it as PNG or JPEG"
-        ) from err
-    return image
+        ImageOps.exif_transpose(image, in_place=True)  # no copy of a 12000 x 12000 photo
+        return image
+    except BaseException as err:
+        if isinstance(err, FileNotFoundError):
+            raise ImageError(f"image file {str(path)!r} does not exist; check the path") from err
+        if isinstance(err, IsADirectoryError):
+            raise ImageError(f"{str(path)!r} is a folder, not an image file") from err
+        if isinstance(err, (UnidentifiedImageError, OSError, SyntaxError)):
+            raise ImageError(
+                f"cannot read image file {str(path)!r} ({type(err).__name__}: {err}); it is "
+                "corrupt, truncated or not an image: re-export it as PNG or JPEG"
+            ) from err
+        raise
+
+
+@contextlib.contextmanager
+def _pil_limit(limit: int | None):
+    """PIL's decompression-bomb limit set to `limit` inside the block, restored after it."""
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _rawmode(image: Image.Image) -> str:
+    """How the file stores pixels, e.g. 'RGB;16B' for a 16-bit PNG ('' when PIL does not say)."""
+    tile = image.tile[0] if image.tile else None
+    args = getattr(tile, "args", None) if tile is not None else None
+    return args if isinstance(args, str) else (args[0] if args and isinstance(args[0], str) else "")
+
+
+def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
+    if max_pixels is not None and size[0] * size[1] > max_pixels:
+        raise ImageTooLargeError(
+            f"{str(path)!r} is too large ({size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, "
+            f"more than the limit of {max_pixels:,}); the file is not corrupt. Raise the limit "
+            "(--max-pixels N, or load_image(path, max_pixels=N)) if this machine has the memory"
+        )
 
 
 def gray_to_8bit(image: Image.Image) -> Image.Image:

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import torch
 
+from moebius.errors import MissingFileError
+from moebius.hub import CONFIG_NAME, VAE_WEIGHTS_NAMES
+from moebius.models.checkpoints import CheckpointError, load_state_dict_file, read_json
+
 logger = logging.getLogger(__name__)
 
 
@@ -21,24 +25,61 @@ def load_vae(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ):
-    """Load an `AutoencoderKL` folder (.bin or .safetensors weights) in eval mode."""
+    """Load an `AutoencoderKL` folder (.bin or .safetensors weights) in eval mode.
+
+    Every failure is a one-line error naming the file: a folder without config.json or weights
+    (MissingFileError), a malformed config.json, a corrupt, truncated or pickled weights file, or
+    weights that do not fit the config (CheckpointError). Nothing is initialised at random.
+    """
     from diffusers import AutoencoderKL
 
     directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{directory} is not a VAE folder: expected config.json and "
-            "diffusion_pytorch_model.bin or diffusion_pytorch_model.safetensors"
+    weights = next((directory / n for n in VAE_WEIGHTS_NAMES if (directory / n).is_file()), None)
+    if not (directory / CONFIG_NAME).is_file() or weights is None:
+        found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else None
+        raise MissingFileError(
+            f"{directory} is not a VAE folder: expected {CONFIG_NAME} and "
+            f"{' or '.join(VAE_WEIGHTS_NAMES)} in it"
+            + (f" (found: {', '.join(found) or 'nothing'})" if found is not None else "")
         )
-    safetensors = (directory / "diffusion_pytorch_model.safetensors").is_file()
-    # low_cpu_mem_usage needs `accelerate`; without it diffusers would warn and fall back anyway.
-    vae = AutoencoderKL.from_pretrained(
-        directory, use_safetensors=safetensors, low_cpu_mem_usage=False
-    )
+    read_json(directory / CONFIG_NAME)  # a malformed file is reported by name
+    try:
+        # low_cpu_mem_usage needs `accelerate`; without it diffusers would warn and fall back.
+        vae, info = AutoencoderKL.from_pretrained(
+            directory,
+            use_safetensors=weights.suffix == ".safetensors",
+            low_cpu_mem_usage=False,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
+        load_state_dict_file(weights)  # names what is wrong with the file itself, if anything
+        raise _misfit(weights, directory, _reason(err)) from err
+    if info.get("unexpected_keys"):  # harmless (ignored), but say so
+        logger.warning("%s: %d tensors the VAE does not use, e.g. %s", weights,
+                       len(info["unexpected_keys"]), info["unexpected_keys"][:2])  # fmt: skip
+    missing = info.get("missing_keys", []) + info.get("mismatched_keys", [])
+    if missing:  # diffusers would leave these at their random init
+        raise _misfit(weights, directory, f"{len(missing)} tensors missing, e.g. {missing[:2]}")
+    if info.get("error_msgs"):
+        raise _misfit(weights, directory, _reason(info["error_msgs"][0]))
     vae.to(device=device)
     if dtype is not None:
         vae.to(dtype=dtype)
     return vae.eval()
+
+
+def _reason(err: object) -> str:
+    """The informative line of a (multi-line) loader error: the first one naming a tensor."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if "size mismatch" in line or "key" in line.lower()]
+    return (named or lines or [type(err).__name__])[0][:300]
+
+
+def _misfit(weights: Path, directory: Path, reason: str) -> CheckpointError:
+    return CheckpointError(
+        f"{weights} does not fit {directory / CONFIG_NAME} ({reason}); use the VAE folder "
+        "these weights came in, with its own config.json (a diffusers AutoencoderKL folder)"
+    )
 
 
 def latent_factor(vae) -> int:

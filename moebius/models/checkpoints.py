@@ -11,12 +11,16 @@ import dataclasses
 import json
 import logging
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from moebius.errors import MissingFileError, MoebiusError
 
 # File names have one home, the torch-free `moebius.hub` (the CLI reads them without torch).
 from moebius.hub import CONFIG_NAME, UNET_WEIGHTS_NAMES
@@ -28,7 +32,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS_NAME = UNET_WEIGHTS_NAMES[0]  # model.safetensors
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MoebiusError, ValueError):
     """A weights file that cannot be used as it is; the message says why and what to do."""
 
 
@@ -59,17 +63,30 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a plain tensor state dict from `.safetensors` or a released `.bin` (no code run)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise MissingFileError(f"weights file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): download or save it again")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file ({err}): it is truncated or corrupt, "
+                "e.g. an interrupted download or copy; download or save it again"
+            ) from err
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as err:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as err:  # a zip archive cut short, or no data at all
         raise CheckpointError(
-            f"{path} is not a plain tensor state dict and was not loaded (it may contain pickled "
-            f"Python objects, which could run code). Re-save it as "
-            "`torch.save(model.state_dict())` "
-            f"or as safetensors. Loader said: {str(err).splitlines()[0]}"
+            f"{path} is truncated or corrupt ({_first_line(err)}); download or save it again"
+        ) from err
+    except (pickle.UnpicklingError, AttributeError) as err:
+        raise CheckpointError(
+            f"{path} is not a plain tensor state dict and was not loaded: it is corrupt or holds "
+            "pickled Python objects, which could run code. Re-save it as "
+            "`torch.save(model.state_dict())` or as safetensors"
         ) from err
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
@@ -134,14 +151,38 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object from `path`; a malformed file raises CheckpointError naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({err}); fix it, or save the model again"
+        ) from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object {{...}}")
+    return data
+
+
 def load_config(directory: str | Path):
     """Read the config of a saved model folder."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path} not found: a model folder holds {CONFIG_NAME} + {WEIGHTS_NAME}"
         )
-    return config_from_dict(json.loads(path.read_text()))
+    try:
+        return config_from_dict(read_json(path))
+    except CheckpointError as err:
+        message = str(err) if str(path) in str(err) else f"{path}: {err}"
+        raise CheckpointError(message) from err
+    except (TypeError, ValueError) as err:  # a field of the wrong type or value
+        raise CheckpointError(f"{path} does not describe a valid model: {err}") from err
 
 
 def build_model(config) -> nn.Module:
@@ -188,7 +229,7 @@ def load_pretrained(
         if (directory / name).is_file():
             break
     else:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no weights in {directory}: expected {WEIGHTS_NAME} (or {ORIGINAL_WEIGHTS_NAME})"
         )
     model = load_into(build_model(config), directory / name)
