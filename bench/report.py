@@ -21,3 +21,94 @@ def emit(result: dict, out: Path | None = None) -> None:
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
+
+
+# Instruction-set flags that decide which CPU kernels (and whether bf16 is native) torch can use.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def device_info(device: str = "cpu") -> dict:
+    """Device name, CPU model and flags, torch version and thread count."""
+    import platform
+
+    import torch
+
+    info = {"device_type": device, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line]
+    lines = cpuinfo.splitlines()
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    info["cpu"] = model[0] if model else platform.processor() or platform.machine()
+    info["cpu_count"] = os.cpu_count()
+    info["cpu_flags"] = {flag: flag in flags for flag in CPU_FLAGS}
+    info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    if device == "cuda":
+        info["device"] = torch.cuda.get_device_name()
+    else:
+        info["device"] = info["cpu"]
+    return info
+
+
+def matmul_gflops(dtype, device: str = "cpu", size: int = 2048, runs: int = 5) -> float:
+    """Median GFLOP/s of a size x size matmul in `dtype`: the machine's dense-math ceiling."""
+    import statistics
+    import time
+
+    import torch
+
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    times = []
+    for i in range(runs + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i:  # the first call is the warm-up
+            times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def summarize(times: list[float]) -> dict:
+    """Median, min, max and relative spread ((max - min) / median) of run times in seconds."""
+    import statistics
+
+    median = statistics.median(times)
+    return {
+        "median_s": median,
+        "min_s": min(times),
+        "max_s": max(times),
+        "spread": (max(times) - min(times)) / median,
+        "runs_s": times,
+    }
+
+
+def interleaved(fns: dict, runs: int, sync=None) -> dict:
+    """Time each callable `runs` times, round-robin so machine load affects all alike.
+
+    One untimed warm-up call each first. Returns {name: summarize(times)}.
+    """
+    import time
+
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            if sync:
+                sync()
+            start = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: summarize(t) for name, t in times.items()}
+
+
+def peak_rss_gib() -> float:
+    """Peak resident set size of this process so far, GiB (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -107,7 +107,12 @@ def _load_pipeline(args, files: hub.WeightFiles, device: str):
             f"cannot load the weights ({files.unet_weights}, {files.vae_dir}): {first}. "
             "Rerun with --debug for details"
         ) from err
-    pipe.to(device, getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    if getattr(args, "fast", False):  # fold and fuse in float32 first, then cast
+        pipe.to(device).optimize(dtype)
+        pipe.vae.to(dtype=dtype)
+    else:
+        pipe.to(device, dtype)
     logger.info("loaded %s on %s (%s); native size %d px", files.unet_weights, device,
                 args.dtype, pipe.native_size)  # fmt: skip
     return pipe
@@ -214,69 +219,12 @@ def _report(failures: list[Job]) -> None:
         logger.error("failed: %s: %s", job.image, job.error)
 
 
-# ----------------------------------------------------------------------------- download, convert
+# --------------------------------------------------------------------------------- download
 def cmd_download(args) -> int:
     variants = options.VARIANTS if args.variant == "all" else (args.variant,)
     for variant in variants:
         files = hub.download(variant, model=args.model, cache_dir=args.cache_dir)
         print(f"{args.model} {variant}: {files.unet_weights}\nvae: {files.vae_dir}")
-    return 0
-
-
-def _original_config(path: Path | None, model: str):
-    """Architecture for a released .bin: the original config JSON (optionally under "config")."""
-    from moebius.models.checkpoints import CheckpointError, read_json, released_config
-
-    if path is None:
-        return released_config(model)
-    data = read_json(path)
-    num_embeddings = data.get("num_embeddings", 20)
-    data = data.get("config", data)
-    if model == options.DEFAULT_MODEL:
-        from moebius.models import MoebiusConfig as config_cls
-    else:
-        from moebius.models.teacher import PixelHackerConfig as config_cls
-    try:
-        return config_cls.from_original(data, num_embeddings=num_embeddings)
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path} is not an original {model} config: {err}") from err
-
-
-def cmd_convert(args) -> int:
-    """Build OUT_DIR in a temporary folder beside it and rename it at the end: a failure (or
-    Ctrl-C) leaves nothing behind, and an existing OUT_DIR is never half overwritten."""
-    import shutil
-    import tempfile
-
-    source, out = Path(args.bin), Path(args.out_dir)
-    if not source.is_file():
-        raise UsageError(f"{source} does not exist or is not a file (a released .bin)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out} exists and is not an empty folder; choose a new OUT_DIR")
-    if args.config and not Path(args.config).is_file():
-        raise UsageError(f"--config {args.config} does not exist")
-    if args.vae and not (Path(args.vae) / hub.CONFIG_NAME).is_file():
-        raise UsageError(f"--vae {args.vae} is not a VAE folder (it has no {hub.CONFIG_NAME})")
-    check_writable([Job(source, None, out / hub.UNET_FOLDER)])
-    from moebius.models import checkpoints
-
-    config = _original_config(Path(args.config) if args.config else None, args.model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
-    try:
-        checkpoints.convert_original(source, config, work / hub.UNET_FOLDER)
-        if args.vae:
-            from moebius.vae import load_vae
-
-            load_vae(args.vae).save_pretrained(work / hub.VAE_FOLDER, safe_serialization=True)
-        os.replace(work, out)  # atomic; an empty `out` folder is replaced
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    if not args.vae:
-        logger.info("wrote %s only; add --vae DIR to make %s a complete weights folder",
-                    out / hub.UNET_FOLDER, out)  # fmt: skip
-    print(out)
     return 0
 
 
@@ -306,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="Hugging Face cache folder (default: HF_HOME's)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
     p.add_argument("--dtype", choices=options.DTYPES, default="float32")
+    p.add_argument("--fast", action="store_true",
+                   help="optimised UNet (same outputs); bf16 with --dtype bfloat16")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed, the same for every image")
     # Recipe options left unset take the pipeline's defaults, which are the original's.
     p.add_argument("--steps", type=int, help="DDIM steps of the schedule")
@@ -335,13 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("convert", help="released .bin -> our folder (unet/ [+ vae/])")
-    p.add_argument("bin", help="released diffusion_pytorch_model.bin")
-    p.add_argument("out_dir", help="new folder to create (written whole, or not at all)")
-    p.add_argument("--model", choices=options.MODELS, default=options.DEFAULT_MODEL)
-    p.add_argument("--config", help="original config JSON (default: the released architecture)")
-    p.add_argument("--vae", help="VAE folder to include, e.g. the released vae/")
-    p.set_defaults(func=cmd_convert)
+    from moebius import convert  # `convert`: imports nothing heavy until it runs
+
+    convert.add_parser(sub)
 
     # `train` and `data` parse their own arguments in moebius.train.cli, imported only when used
     for name, text in (("train", "train a student (moebius train -h)"),
@@ -354,8 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     server_cli.add_parser(sub)
 
-    from moebius.export import cli as export_cli  # torch-free until it runs
+    from moebius.eval import cli as eval_cli  # torch-free until they run
+    from moebius.export import cli as export_cli
 
+    eval_cli.add_parser(sub)
     export_cli.add_parser(sub)
     for p in sub.choices.values():  # --debug also after the subcommand; SUPPRESS keeps the top's
         if "-" in p.prefix_chars:  # not `train` / `data`, which pass their arguments on

@@ -162,13 +162,13 @@ def _resolve_local(root: Path, variant: str, model: str) -> WeightFiles:
     if vae_weights is None:
         missing.append(vae_dir / VAE_WEIGHTS_NAMES[0])
     if missing:
-        listing = "\n".join(f"  {p}" for p in missing)
+        listing = ", ".join(str(p.relative_to(root)) for p in missing)
         raise WeightsNotFoundError(
-            f"{root} is not a complete {model} weights folder; missing:\n{listing}\n"
-            f"A weights folder is either what InpaintPipeline.save_pretrained writes "
-            f"({UNET_FOLDER}/, {VAE_FOLDER}/) or the released layout "
-            f"({variant}/{RELEASED_WEIGHTS_NAME}, {VAE_FOLDER}/{CONFIG_NAME}, "
-            f"{VAE_FOLDER}/{RELEASED_WEIGHTS_NAME}); the VAE weights may be .bin or .safetensors."
+            f"{root} is not a complete {model} weights folder: {listing} missing. A weights "
+            f"folder is either what InpaintPipeline.save_pretrained writes ({UNET_FOLDER}/, "
+            f"{VAE_FOLDER}/) or the released layout ({variant}/{RELEASED_WEIGHTS_NAME}, "
+            f"{VAE_FOLDER}/{CONFIG_NAME}, {VAE_FOLDER}/{RELEASED_WEIGHTS_NAME}; the VAE weights "
+            "may be .bin or .safetensors)"
         )
     return WeightFiles(
         unet_weights=unet_weights,

@@ -19,13 +19,17 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-try:
-    import cv2
-except ImportError as error:  # an optional dependency: say which extra brings it
-    raise ImportError(
-        "moebius.mask_generators needs OpenCV: pip install 'moebius-inpaint[train]' (or [eval], "
-        "or just opencv-python-headless)"
-    ) from error
+
+def _cv2():
+    """OpenCV, imported on first use so the protocol names are readable without it."""
+    try:
+        import cv2
+    except ImportError as error:  # an optional dependency: say which extra brings it
+        raise ImportError(
+            "random masks need OpenCV: pip install 'moebius-inpaint[train]' (or [eval], or just "
+            "opencv-python-headless)"
+        ) from error
+    return cv2
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ def draw_stroke(
 ) -> None:
     """One brush stroke of 1-5 segments; `mirror` flips the angle to 2*pi - angle (even strokes)."""
     height, width = canvas.shape
+    line = _cv2().line
     x, y = int(rng.integers(width)), int(rng.integers(height))
     for _ in range(1 + int(rng.integers(5))):
         angle = 0.01 + rng.integers(cfg.max_angle)
@@ -117,7 +122,7 @@ def draw_stroke(
         # endpoint clipped to the image, so the next segment starts on it
         end_x = int(np.clip(int(x + length * np.sin(angle)), 0, width - 1))
         end_y = int(np.clip(int(y + length * np.cos(angle)), 0, height - 1))
-        cv2.line(canvas, (x, y), (end_x, end_y), 1, brush_width)
+        line(canvas, (x, y), (end_x, end_y), 1, brush_width)
         x, y = end_x, end_y
 
 

@@ -21,6 +21,12 @@ DEFAULT_VARIANT = "ft_places2"
 STRATEGIES = ("auto", "native", "crop", "resize")
 TASKS = ("remove", "object")  # fill with background, or generate an object (guidance swapped)
 DTYPES = ("float32", "float16", "bfloat16")
+# `moebius eval`: mask protocols (the keys of moebius.mask_generators.PROTOCOLS, same order) and
+# methods (the two networks plus classical baselines that need no weights)
+MASK_PROTOCOLS = ("thin_256", "thin_512", "medium_256", "medium_512", "thick_256", "thick_512",
+                  "area_40_50")  # fmt: skip
+BASELINES = ("telea", "navier-stokes", "mean")
+EVAL_METHODS = (*MODELS, *BASELINES)
 DEVICE_KINDS = ("auto", "cpu", "cuda", "mps")  # "cuda:1" selects a GPU by index
 # Images above this many pixels are refused from their header, before any decoding: 100 MP holds
 # a 10000 x 10000 photo (0.3 GB decoded) and still stops a 60 KB PNG that claims 30000 x 30000.

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from moebius import composite, hub, images, masks, options, strategies, tiny_decoder
 from moebius import vae as vae_lib
+from moebius.models.optimize import optimize as optimize_model
 from moebius.options import DEFAULT_MODEL, TASKS  # noqa: F401 (TASKS: public name)
 from moebius.pretrained import load_components, save_components
 from moebius.recipe import (  # noqa: F401 (public names of the API)
@@ -86,6 +87,8 @@ class InpaintPipeline:
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write unet/ (config.json + model.safetensors), vae/ and scheduler/ under `directory`."""
+        if getattr(self.unet, "optimized_dtype", None) is not None:
+            raise ValueError("an optimize()d pipeline holds folded weights: save the plain one")
         return save_components(self.unet, self.vae, self.scheduler, directory)
 
     def to(self, device: str | torch.device | None = None, dtype=None) -> InpaintPipeline:
@@ -94,6 +97,14 @@ class InpaintPipeline:
             module.to(device=device)
             if dtype is not None and dtype != next(module.parameters()).dtype:
                 module.to(dtype=dtype)
+        return self
+
+    def optimize(self, dtype: torch.dtype | None = None) -> InpaintPipeline:
+        """Swap in the fast UNet (`moebius.models.optimize`): same outputs in float32, or
+        bfloat16 / float16 where the device runs it natively. The VAE keeps its dtype (bf16
+        decoding moves pixels by up to ~10 levels) and gets channels-last convs (same values)."""
+        self.unet = optimize_model(self.unet, dtype)
+        self.vae.to(memory_format=torch.channels_last)
         return self
 
     @property

@@ -251,14 +251,16 @@ BROKEN = {
     "truncated vae": (lambda f: _truncate(f / "vae/diffusion_pytorch_model.safetensors"),
                       ["vae/diffusion_pytorch_model.safetensors", "truncated or corrupt"]),
     "pickled vae": (_pickled_vae, ["vae/diffusion_pytorch_model.bin", "pickled Python objects"]),
+    "missing vae weights": (lambda f: (f / "vae/diffusion_pytorch_model.safetensors").unlink(),
+                            ["not a complete", "vae/diffusion_pytorch_model.safetensors"]),
     "vae of another layout": (_other_vae, ["vae/diffusion_pytorch_model.safetensors",
                                            "does not fit", "vae/config.json"]),
 }  # fmt: skip
 
 
-# Three cases through a subprocess, the others through main() in this process (same code path,
+# Four cases through a subprocess, the others through main() in this process (same code path,
 # without paying for another torch import on a loaded machine).
-IN_A_SUBPROCESS = ("truncated unet", "bad config json", "pickled vae")
+IN_A_SUBPROCESS = ("truncated unet", "bad config json", "truncated vae", "pickled vae")
 
 
 @pytest.mark.parametrize("case", list(BROKEN))

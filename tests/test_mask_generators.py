@@ -8,6 +8,9 @@ from moebius.mask_generators import LAMA_PRESETS, PROTOCOLS, random_mask
 
 
 def test_protocol_names():
+    from moebius.options import MASK_PROTOCOLS
+
+    assert tuple(PROTOCOLS) == MASK_PROTOCOLS  # the CLI's choices, importable without numpy
     assert list(PROTOCOLS) == [
         "thin_256",
         "thin_512",

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from moebius import masks
+from moebius.errors import MissingFileError, UsageError
 from moebius.train.data import InpaintDataset, read_manifest, sample_rng
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def cache_latents(
 ) -> Path:
     """Write the cache of `manifest` under `out` with `variants` augmented draws per row."""
     if variants < 1:
-        raise ValueError(f"variants must be >= 1, got {variants}")
+        raise UsageError(f"variants must be >= 1, got {variants}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dataset = InpaintDataset(read_manifest(manifest), resolution, mask_protocol, seed=seed,
@@ -82,7 +83,7 @@ class LatentDataset(torch.utils.data.Dataset):
         self.directory = Path(directory)
         index = self.directory / INDEX
         if not index.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{self.directory} is not a latent cache (no {INDEX}); make one with "
                 "`moebius train cache-latents MANIFEST --vae VAE --out DIR`"
             )
@@ -95,7 +96,7 @@ class LatentDataset(torch.utils.data.Dataset):
     def check_vae(self, vae) -> None:
         """The cache must come from the VAE the run decodes with (same scaling factor)."""
         if abs(self.info["scaling_factor"] - float(vae.config.scaling_factor)) > 1e-9:
-            raise ValueError(
+            raise UsageError(
                 f"latent cache {self.directory} was made with scaling factor "
                 f"{self.info['scaling_factor']}, the run's VAE has {vae.config.scaling_factor}; "
                 "rebuild the cache with the run's VAE"

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moebius import hub
+from moebius.errors import MissingFileError
 from moebius.models import checkpoints as model_io
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, ema=None) -
     getattr(model, "module", model).load_state_dict(load_file(str(path / MODEL_FILE)), strict=True)
     if ema is not None:
         if not (path / EMA_FILE).is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path} has no {EMA_FILE}: the run that wrote it trained without EMA; resume "
                 "with optim.ema=false or start a new run"
             )

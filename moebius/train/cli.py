@@ -80,12 +80,22 @@ def run_manifest(args) -> int:
     return 0
 
 
-def run_train(a) -> int:
+def _load_config(path, overrides):
+    """The config, with what is wrong in it as a UsageError (one line, exit status 2)."""
+    from moebius.errors import UsageError
     from moebius.train.config import load_config
+
+    try:
+        return load_config(path, overrides)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise UsageError(f"config {path or '(defaults)'}: {err}") from err
+
+
+def run_train(a) -> int:
     from moebius.train.loop import train
 
     overrides = list(a.set) + ([f"run.max_steps={a.max_steps}"] if a.max_steps else [])
-    config = load_config(a.config, overrides)
+    config = _load_config(a.config, overrides)
     final = train(config, a.output_dir, resume=a.resume)
     print(final)
     return 0
@@ -95,10 +105,9 @@ def _run_cache(a) -> int:
     import torch
 
     from moebius.train.cache import cache_latents
-    from moebius.train.config import load_config
     from moebius.train.loop import load_vae
 
-    config = load_config(a.config, a.set)
+    config = _load_config(a.config, a.set)
     vae = load_vae(a.vae, config.model.init_seed).to(torch.device(a.device))
     d = config.data
     out = cache_latents(

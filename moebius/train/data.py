@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 from moebius import images, mask_generators
+from moebius.errors import UsageError
 from moebius.recipe import category_ids
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ DILATION_ITERATIONS = (1, 2)
 NUM_EMBEDDINGS = 20  # category tokens of the released networks: background 0..9, foreground 10..19
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A manifest or sample that cannot be used; the message names the file and what to do."""
 
 

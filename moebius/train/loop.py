@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moebius import masks
 from moebius import vae as vae_lib
+from moebius.errors import MissingFileError, UsageError
 from moebius.models import checkpoints as model_io
 from moebius.recipe import make_scheduler
 from moebius.train import (
@@ -37,7 +38,14 @@ from moebius.train import (
 )
 from moebius.train import checkpoint as ckpt
 from moebius.train.config import TrainConfig, save_config
-from moebius.train.data import DataPosition, EpochSampler, InpaintDataset, collate, read_manifest
+from moebius.train.data import (
+    DataError,
+    DataPosition,
+    EpochSampler,
+    InpaintDataset,
+    collate,
+    read_manifest,
+)
 from moebius.train.losses import offset_noise
 
 logger = logging.getLogger(__name__)
@@ -106,7 +114,7 @@ def _architecture(kind: str, model_type: str):
     if kind == "tiny":
         return type(config).tiny()
     if kind != "released":
-        raise ValueError(f'a network architecture is "released" or "tiny", got {kind!r}')
+        raise UsageError(f'a network architecture is "released" or "tiny", got {kind!r}')
     return config
 
 
@@ -117,7 +125,7 @@ def _load_weights(model: torch.nn.Module, path: str) -> torch.nn.Module:
         folder = p / "unet" if (p / "unet").is_dir() else p
         name = next((n for n in model_io.UNET_WEIGHTS_NAMES if (folder / n).is_file()), None)
         if name is None:
-            raise FileNotFoundError(f"no weights ({model_io.UNET_WEIGHTS_NAMES}) in {folder}")
+            raise MissingFileError(f"no weights ({model_io.UNET_WEIGHTS_NAMES}) in {folder}")
         p = folder / name
     return model_io.load_into(model, p)
 
@@ -165,7 +173,7 @@ def build_networks(config: TrainConfig) -> Networks:
         if m.teacher_weights:
             _load_weights(teacher, m.teacher_weights)
         elif m.teacher != "tiny":
-            raise ValueError(
+            raise UsageError(
                 "model.teacher_weights is required for a released teacher (a random 0.86B "
                 'teacher teaches nothing); model.teacher="tiny" builds a seeded random one'
             )
@@ -175,19 +183,31 @@ def build_networks(config: TrainConfig) -> Networks:
     return Networks(student.train(), teacher, load_vae(m.vae, m.init_seed))
 
 
-@contextlib.contextmanager
-def _frozen_batchnorm_stats(module: torch.nn.Module):
-    """BatchNorm momentum 0 while a checkpointed block recomputes: running stats update once."""
-    bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [(bn.momentum, bn.num_batches_tracked.clone()) for bn in bns]
-    for bn in bns:
-        bn.momentum = 0.0  # running = (1 - 0) * running + 0 * batch statistics
-    try:
-        yield
-    finally:
-        for bn, (momentum, tracked) in zip(bns, saved, strict=True):
+class _FrozenBatchNormStats:
+    """BatchNorm momentum 0 while a checkpointed block recomputes: running stats update once.
+
+    Reusable: with the gradient-norm weights a block may recompute once per autograd.grad call.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.bns = [
+            m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        ]
+        self.saved = []
+
+    def __enter__(self):
+        self.saved = [(bn.momentum, bn.num_batches_tracked.clone()) for bn in self.bns]
+        for bn in self.bns:
+            bn.momentum = 0.0  # running = (1 - 0) * running + 0 * batch statistics
+
+    def __exit__(self, *exc):
+        for bn, (momentum, tracked) in zip(self.bns, self.saved, strict=True):
             bn.momentum = momentum
             bn.num_batches_tracked.copy_(tracked)
+
+
+def _checkpoint_contexts(frozen: _FrozenBatchNormStats):
+    return contextlib.nullcontext(), frozen  # (forward, recompute)
 
 
 def enable_gradient_checkpointing(student: torch.nn.Module) -> None:
@@ -195,13 +215,9 @@ def enable_gradient_checkpointing(student: torch.nn.Module) -> None:
     unet = student.diff_model
     for stage in (*unet.down_blocks, *unet.up_blocks):
         for block in (*stage.resnets, *stage.attentions):
-            forward = block.forward
-
-            def contexts(block=block):
-                return contextlib.nullcontext(), _frozen_batchnorm_stats(block)
-
+            contexts = functools.partial(_checkpoint_contexts, _FrozenBatchNormStats(block))
             block.forward = functools.partial(
-                checkpoint, forward, use_reentrant=False, context_fn=contexts
+                checkpoint, block.forward, use_reentrant=False, context_fn=contexts
             )
 
 
@@ -225,8 +241,11 @@ def posterior_latents(batch: dict, vae, generator: torch.Generator) -> tuple[tor
 
 # ----------------------------------------------------------------------------------- one step
 def train_step(batch, nets, student, optimizer, lr_scheduler, ema, config, noise_scheduler, gen,
-               autocast) -> dict:  # fmt: skip
-    """One optimisation step (spec 3.1): noise, both networks, losses, backward, clip, update."""
+               autocast) -> tuple[dict, float]:  # fmt: skip
+    """One optimisation step (spec 3.1): noise, both networks, losses, backward, clip, update.
+
+    Returns the logs (detached tensors, None for terms that are off) and the step's learning rate.
+    """
     device = gen.device
     batch = {k: v.to(device) for k, v in batch.items()}
     latents, masked_latents = posterior_latents(batch, nets.vae, gen)  # (B, 4, h, w) each
@@ -304,16 +323,15 @@ def _autocast_factory(precision: str, device: torch.device):
     return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
 
 
-def _data(config: TrainConfig, d, position: DataPosition):
+def _data(config: TrainConfig, d, position: DataPosition, vae):
     """DataLoader over the manifest (or latent cache) from `position`, this rank's share."""
     from moebius.train import cache
 
     c = config.data
     if c.latent_cache:
         dataset = cache.LatentDataset(c.latent_cache, seed=config.run.seed)
+        dataset.check_vae(vae)
     else:
-        if not c.manifest:
-            raise ValueError("set data.manifest (a jsonl from `moebius data manifest`)")
         dataset = InpaintDataset(
             read_manifest(c.manifest), c.resolution, c.mask_protocol, c.generated_mask_p,
             c.dilation_p, c.flip_p, seed=config.run.seed, skip_unreadable=c.skip_unreadable,
@@ -341,6 +359,11 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False) -> 
 
 
 def _train(config, output_dir, resume, d, tqdm) -> Path:
+    if not (config.data.manifest or config.data.latent_cache):
+        raise UsageError(
+            "no training data: set data.manifest (a jsonl from `moebius data manifest`) or "
+            "data.latent_cache (a folder from `moebius train cache-latents`)"
+        )
     config, perceptual = resolve_perceptual(config, d.device)
     config_json = json.dumps(config.to_dict(), indent=2) + "\n"
     start = ckpt.latest_checkpoint(output_dir) if resume else None
@@ -367,13 +390,18 @@ def _train(config, output_dir, resume, d, tqdm) -> Path:
     step, position = 0, DataPosition()
     if start is not None:
         state = ckpt.load_checkpoint(start, nets.student, ema)
+        if len(state["rng"]) != d.world:
+            raise UsageError(
+                f"{start} was written by {len(state['rng'])} process(es), this run has {d.world}: "
+                "resume with the same number of processes (each has its own data and noise stream)"
+            )
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         ckpt.set_rng_states(state["rng"][d.rank], gen)
         step, position = state["step"], DataPosition(**state["data"][d.rank])
         logger.info("resumed from %s (step %d)", start, step)
     student = distributed.wrap(nets.student, d)
-    loader, per_epoch = _data(config, d, position)
+    loader, per_epoch = _data(config, d, position, nets.vae)
     noise_scheduler = make_noise_scheduler()
     autocast = _autocast_factory(config.run.precision, d.device)
     writer = metrics_file = None
@@ -397,7 +425,7 @@ def _train(config, output_dir, resume, d, tqdm) -> Path:
     batches = iter(loader)
     with _StopRequest() as stop:
         while step < config.run.max_steps:
-            batch = next(batches)
+            batch = _next_batch(batches)
             position.advance(config.run.batch_size, per_epoch)
             if batch is None:  # every sample of this batch was unreadable and skipped
                 continue
@@ -437,6 +465,17 @@ def _ema_copy(student, ema):
     clone = copy.deepcopy(student)
     ema.copy_to(clone)
     return clone
+
+
+def _next_batch(batches):
+    """The next batch; a DataError from a loader worker keeps its message, not the traceback."""
+    try:
+        return next(batches)
+    except DataError as err:
+        lines = str(err).strip().splitlines()
+        if len(lines) > 1 and "Original Traceback" in str(err):  # re-raised by the DataLoader
+            raise DataError(lines[-1].split(": ", 1)[-1]) from None
+        raise
 
 
 def _open_metrics(path: Path, step: int):
