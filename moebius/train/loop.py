@@ -141,15 +141,20 @@ class Networks:
 def resolve_perceptual(config: TrainConfig, device) -> tuple[TrainConfig, torch.nn.Module | None]:
     """The E-LatentLPIPS metric when loss.perceptual is on and it can be built, else the term off.
 
-    The metric needs the user's `elatentlpips` package and its weights (spec 3.2; nothing is
-    downloaded here). When they are absent, the run trains without the term and says so at start.
+    The metric needs the user's E-LatentLPIPS weights file, `loss.perceptual_weights` (spec 3.2;
+    nothing is downloaded here). When it is absent, the run trains without the term and says so
+    at start.
     """
     if not config.loss.perceptual:
         return config, None
     try:
         from moebius.train.perceptual import load_perceptual
 
-        return config, load_perceptual(device=device)
+        loss = config.loss
+        metric = load_perceptual(
+            loss.perceptual_weights, device, original_scaling=loss.perceptual_original_scaling
+        )
+        return config, metric
     except (ImportError, OSError, RuntimeError) as err:
         logger.warning(
             "perceptual loss OFF: the E-LatentLPIPS metric is unavailable (%s: %s); "
