@@ -24,6 +24,7 @@ from pathlib import Path
 
 from moebius import __version__, hub, options
 from moebius.errors import MoebiusError, UsageError
+from moebius.export import cli as export_cli  # torch-free: the export and inpaint options
 from moebius.jobs import Job, check_writable, plan_jobs
 
 logger = logging.getLogger("moebius")
@@ -156,6 +157,7 @@ def _sigterm_as_interrupt():
 
 def cmd_inpaint(args) -> int:
     check_options(args)
+    export_cli.check_inpaint_options(args)
     jobs = plan_jobs(Path(args.image), Path(args.mask), Path(args.output), args.suffix)
     todo = [j for j in jobs if j.error or args.overwrite or not j.out.exists()]
     skipped = len(jobs) - len(todo)
@@ -167,7 +169,9 @@ def cmd_inpaint(args) -> int:
     if runnable:
         check_writable(runnable)
         # A folder or the cache answers without torch; a download waits for the checks below.
-        files = hub.resolve_without_download(**_weights(args))
+        files = None
+        if not export_cli.uses_onnxruntime(args):  # else --weights is an ONNX export folder
+            files = hub.resolve_without_download(**_weights(args))
         device = select_device(args.device, args.dtype)
         check_recipe(args)
     try:
@@ -194,9 +198,12 @@ def _weights(args) -> dict:
 def _run(args, files, runnable: list[Job], device: str, done: list[Job], failures: list[Job]):
     """Load the weights (download them if `files` is None) and inpaint each job; `done` and
     `failures` grow as files finish."""
-    if files is None:
-        files = hub.resolve(**_weights(args))
-    pipe = _load_pipeline(args, files, device)
+    if export_cli.uses_onnxruntime(args):
+        pipe = export_cli.load_onnxruntime_pipeline(args, device)
+    else:
+        files = files or hub.resolve(**_weights(args))
+        pipe = _load_pipeline(args, files, device)
+    export_cli.apply_decoder(pipe, args)  # --decoder tiny
     from tqdm.auto import tqdm
 
     folder = len(runnable) > 1 or Path(args.image).is_dir()
@@ -277,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse larger images, from the header (default: %(default)s)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="redo outputs that exist")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    export_cli.add_inpaint_options(p)  # --backend, --decoder, --tiny-decoder
     p.set_defaults(func=cmd_inpaint)
 
     p = sub.add_parser("download", help="fetch released weights into the Hugging Face cache")
@@ -301,7 +309,6 @@ def build_parser() -> argparse.ArgumentParser:
     server_cli.add_parser(sub)
 
     from moebius.eval import cli as eval_cli  # torch-free until they run
-    from moebius.export import cli as export_cli
 
     eval_cli.add_parser(sub)
     export_cli.add_parser(sub)
@@ -333,8 +340,9 @@ def _one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `moebius` command; returns the exit status.
 
-    A `MoebiusError` (what the user can fix) is printed as one line, exit 2; Ctrl-C exits 130;
-    anything else is a bug, printed as one line asking for --debug (which shows the traceback).
+    A `MoebiusError` or `ValueError` (what the user can fix) is printed as one line, exit 2;
+    Ctrl-C exits 130; anything else is a bug, printed as one line asking for --debug (which shows
+    the traceback).
     """
     try:
         args = build_parser().parse_args(argv)
@@ -348,11 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # inpaint reports its own once files are being written
         print("moebius: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except MoebiusError as err:
+    except (MoebiusError, ValueError) as err:  # a ValueError from a command: a bad argument
         if _debug(args):
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+        return getattr(err, "exit_code", 2)
     except Exception as err:
         if _debug(args):
             raise

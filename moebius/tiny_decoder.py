@@ -17,10 +17,25 @@ from pathlib import Path
 
 import torch
 
+from moebius.errors import MissingFileError, UsageError
+
 logger = logging.getLogger(__name__)
 
 TAESDXL_REPO = "madebyollin/taesdxl"
 TAESDXL_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+
+
+def fast_dtype(device: str | torch.device) -> torch.dtype:
+    """bfloat16 on CUDA and on CPUs with native bf16 (AVX-512 BF16 or AMX), else float32.
+
+    Measured (bench/tiny_decoder.py, 512 px, AMX CPU): bf16 decodes ~2.4x faster than fp32;
+    on AVX2-only CPUs bf16 is emulated and slower, so those keep fp32.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if device.type == "cpu" and native else torch.float32
 
 
 def load_tiny_decoder(
@@ -31,34 +46,46 @@ def load_tiny_decoder(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ):
-    """`AutoencoderTiny` from a folder or a hub repo in the TAESDXL layout; eval mode."""
+    """`AutoencoderTiny` from a folder or a hub repo in the TAESDXL layout; eval mode.
+
+    `dtype` None picks `fast_dtype(device)`: a preview decoder trades the last bit of precision
+    for speed where the hardware computes bfloat16 natively.
+    """
     from diffusers import AutoencoderTiny
 
     path = Path(source)
     if path.exists() or str(source).startswith((".", "/")):
         missing = [f for f in TAESDXL_FILES if not (path / f).is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path} is not a tiny-decoder folder: missing {missing}. It holds the files of "
                 f"the hub repo {TAESDXL_REPO} (config.json + diffusion_pytorch_model.safetensors)"
             )
     else:
         from huggingface_hub import snapshot_download
 
-        path = Path(
-            snapshot_download(
-                str(source),
-                allow_patterns=list(TAESDXL_FILES),
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
+        try:
+            path = Path(
+                snapshot_download(
+                    str(source),
+                    allow_patterns=list(TAESDXL_FILES),
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                )
             )
-        )
+        except OSError as err:  # offline and not cached, or no such repo
+            raise MissingFileError(
+                f"cannot get the tiny decoder {source} ({type(err).__name__}): it is not in the "
+                f"Hugging Face cache and the hub did not answer. Put {' + '.join(TAESDXL_FILES)} "
+                f"of the hub repo {TAESDXL_REPO} in a folder and pass that folder instead"
+            ) from err
     config = AutoencoderTiny.load_config(path)
     if config.get("latent_channels") != 4:
-        raise ValueError(
+        raise UsageError(
             f"{source} decodes {config.get('latent_channels')}-channel latents; the SDXL latent "
             f"space has 4 (use {TAESDXL_REPO})"
         )
+    dtype = dtype or fast_dtype(device)
     tiny = AutoencoderTiny.from_pretrained(path, low_cpu_mem_usage=False, torch_dtype=dtype)
     # 64-channel convs at up to full resolution: channels-last runs them ~1.6x faster on CPU.
     return tiny.to(device=device, memory_format=torch.channels_last).eval()

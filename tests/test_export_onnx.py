@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import noise_pair, tiny_pipeline
+from PIL import Image
 
 from moebius import cli
 from moebius.export import onnx as onnx_export
@@ -156,3 +157,31 @@ def test_fp16_unet_graph_keeps_float32_io(pipe, tmp_path):
     assert weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
     diffs = onnx_export.parity(tmp_path, pipe.unet, pipe.vae)  # against torch in fp16
     assert diffs["unet"] <= 1e-2 and diffs["vae_decoder"] <= 1e-4, diffs
+
+
+def test_inpaint_cli_onnxruntime_backend_matches_torch(weights, exported, tmp_path):
+    image, mask = noise_pair()
+    image.save(tmp_path / "im.png")
+    mask.save(tmp_path / "mask.png")
+    common = [str(tmp_path / "im.png"), str(tmp_path / "mask.png"), "--steps", "3", "-q"]
+    assert cli.main(["inpaint", *common, "-o", str(tmp_path / "torch.png"),
+                     "--weights", str(weights)]) == 0  # fmt: skip
+    assert cli.main(["inpaint", *common, "-o", str(tmp_path / "ort.png"),
+                     "--weights", str(exported), "--backend", "onnxruntime"]) == 0  # fmt: skip
+    want = np.asarray(Image.open(tmp_path / "torch.png"), dtype=np.int16)
+    got = np.asarray(Image.open(tmp_path / "ort.png"), dtype=np.int16)
+    assert want.shape == got.shape == (128, 128, 3) and np.abs(got - want).max() <= 1
+    assert np.abs(want - np.asarray(image)).max() > 50  # the hole was filled
+
+
+def test_inpaint_cli_backend_errors_exit_2(tmp_path, capsys):
+    image, mask = noise_pair()
+    image.save(tmp_path / "im.png")
+    mask.save(tmp_path / "mask.png")
+    common = ["inpaint", str(tmp_path / "im.png"), str(tmp_path / "mask.png"), "-o",
+              str(tmp_path / "o.png")]  # fmt: skip
+    assert cli.main([*common, "--backend", "onnxruntime"]) == 2
+    assert "moebius export onnx" in capsys.readouterr().err
+    assert cli.main([*common, "--tiny-decoder", str(tmp_path)]) == 2
+    assert "--decoder tiny" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()

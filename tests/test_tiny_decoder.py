@@ -24,7 +24,7 @@ def taesdxl_dir(tmp_path_factory):
 def test_loads_the_taesdxl_folder_layout(taesdxl_dir):
     names = sorted(p.name for p in taesdxl_dir.iterdir())
     assert names == sorted(tiny_decoder.TAESDXL_FILES)
-    tiny = tiny_decoder.load_tiny_decoder(taesdxl_dir)
+    tiny = tiny_decoder.load_tiny_decoder(taesdxl_dir, dtype=torch.float32)
     assert not tiny.training and tiny.config.scaling_factor == 1.0
     saved = AutoencoderTiny.from_pretrained(taesdxl_dir)
     for (k, a), (_, b) in zip(tiny.state_dict().items(), saved.state_dict().items(), strict=True):
@@ -34,7 +34,7 @@ def test_loads_the_taesdxl_folder_layout(taesdxl_dir):
 
 
 def test_decode_contract_matches_the_full_vae_decode(taesdxl_dir):
-    tiny = tiny_decoder.load_tiny_decoder(taesdxl_dir)
+    tiny = tiny_decoder.load_tiny_decoder(taesdxl_dir, dtype=torch.float32)
     latents = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         image = tiny_decoder.decode(tiny, latents)
@@ -77,7 +77,7 @@ def test_x0_from_consecutive_latents_is_the_schedulers_prediction():
 
 def test_previewer_decodes_the_x0_of_each_step(taesdxl_dir):
     pipe = tiny_pipeline()
-    tiny = tiny_decoder.load_tiny_decoder(taesdxl_dir)
+    tiny = tiny_decoder.load_tiny_decoder(taesdxl_dir, dtype=torch.float32)
     previews, latents = [], []
     preview = tiny_decoder.Previewer(tiny, pipe.scheduler, lambda i, im: previews.append((i, im)))
 
@@ -99,7 +99,7 @@ def test_previewer_decodes_the_x0_of_each_step(taesdxl_dir):
 
 def test_pipeline_decodes_with_the_tiny_decoder_when_given(taesdxl_dir):
     pipe = tiny_pipeline()
-    tiny = tiny_decoder.load_tiny_decoder(taesdxl_dir)
+    tiny = tiny_decoder.load_tiny_decoder(taesdxl_dir, dtype=torch.float32)
     image, mask = noise_pair()
     noise = pipe.draw_noise(1, generator=seeded(2))
     full = np.asarray(pipe(image, mask, steps=3, noise=noise, paste=False), dtype=np.int16)
@@ -111,3 +111,40 @@ def test_pipeline_decodes_with_the_tiny_decoder_when_given(taesdxl_dir):
     fast = np.asarray(pipe(image, mask, steps=3, noise=noise, paste=False), dtype=np.int16)
     assert fast.shape == full.shape and np.abs(fast - full).mean() > 5  # another decoder ran
     assert pipe.to("cpu", torch.float64).decoder.dtype == torch.float64  # moves with the networks
+
+
+def test_default_dtype_is_bf16_only_where_native(taesdxl_dir, monkeypatch):
+    assert tiny_decoder.fast_dtype("cuda") == torch.bfloat16
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert tiny_decoder.fast_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert tiny_decoder.fast_dtype("cpu") == torch.float32  # AVX2: bf16 would be emulated
+    monkeypatch.undo()
+    auto = tiny_decoder.load_tiny_decoder(taesdxl_dir, dtype=torch.bfloat16)
+    exact = tiny_decoder.load_tiny_decoder(taesdxl_dir, dtype=torch.float32)
+    latents = torch.randn(1, 4, 8, 8, generator=seeded(4))
+    with torch.no_grad():
+        fast, ref = tiny_decoder.decode(auto, latents), tiny_decoder.decode(exact, latents)
+    assert fast.dtype == torch.float32 and auto.dtype == torch.bfloat16
+    assert float((fast - ref).abs().mean()) < 0.02 * float(ref.abs().mean())  # bf16 rounding
+
+
+def test_inpaint_cli_decoder_tiny(taesdxl_dir, tmp_path):
+    from PIL import Image
+
+    from moebius import cli
+
+    weights = tiny_pipeline().save_pretrained(tmp_path / "weights")
+    image, mask = noise_pair()
+    image.save(tmp_path / "im.png")
+    mask.save(tmp_path / "mask.png")
+    common = ["inpaint", str(tmp_path / "im.png"), str(tmp_path / "mask.png"), "--weights",
+              str(weights), "--steps", "3", "--no-paste", "-q"]  # fmt: skip
+    assert cli.main([*common, "-o", str(tmp_path / "full.png")]) == 0
+    assert cli.main([*common, "-o", str(tmp_path / "tiny.png"), "--decoder", "tiny",
+                     "--tiny-decoder", str(taesdxl_dir)]) == 0  # fmt: skip
+    full = np.asarray(Image.open(tmp_path / "full.png"), dtype=np.int16)
+    tiny = np.asarray(Image.open(tmp_path / "tiny.png"), dtype=np.int16)
+    assert full.shape == tiny.shape == (128, 128, 3)
+    assert np.abs(full - tiny).mean() > 5  # the other decoder made the pixels

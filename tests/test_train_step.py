@@ -72,8 +72,36 @@ def test_any_term_can_be_switched_off(tiny, task, output_kd, feature_kd, percept
     assert (logs["weight_output_kd"] is None) == (not output_kd)
     assert (logs["weight_perceptual"] is None) == (not perceptual)
     assert (logs["weight_feature"] is None) == (not feature_kd)
+    # log_all_norms: every norm of an active term is there, none of an inactive one.
+    assert (logs["feat_gnorm_feature_kd"] is None) == (not feature_kd)
+    for term in ("task", "output_kd", "perceptual"):
+        assert (logs[f"out_gnorm_{term}"] is None) == (not on[term])
+        assert (logs[f"feat_gnorm_{term}"] is None) == (not (on[term] and feature_kd))
     total.backward()
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     floats = logs_to_floats(logs)
     assert floats["loss"] == pytest.approx(float(total.detach()))
+
+
+def test_adaptive_weights_under_gradient_checkpointing_change_nothing(tiny):
+    """The weighting backpropagates through the up path twice (norm, then the total): the loop's
+    checkpointed blocks recompute twice and must give the same numbers and BatchNorm statistics."""
+    from moebius.train.loop import enable_gradient_checkpointing
+
+    _, batch = tiny
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        student = MoebiusUNet(MoebiusConfig.tiny()).train()
+        if checkpointing:
+            enable_gradient_checkpointing(student)
+        total, logs = _run(student, batch, LossConfig(perceptual=False, log_all_norms=True))
+        total.backward()
+        grads = torch.cat([p.grad.flatten() for p in student.parameters()])
+        stats = torch.cat([b.flatten().double() for b in student.buffers()])
+        results.append((logs_to_floats(logs), grads, stats))
+    (logs_a, grads_a, stats_a), (logs_b, grads_b, stats_b) = results
+    assert logs_a == logs_b
+    torch.testing.assert_close(grads_a, grads_b, rtol=0, atol=1e-7)
+    assert torch.equal(stats_a, stats_b)

@@ -7,6 +7,7 @@ import json
 import logging
 
 from moebius import hub, options
+from moebius.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def add_inpaint_options(parser: argparse.ArgumentParser) -> None:
         "--decoder",
         choices=DECODERS,
         default="full",
-        help="full: the VAE decoder; tiny: TAESDXL, over 20x faster at preview quality",
+        help="full: the VAE decoder; tiny: TAESDXL, preview quality, 10-25x faster decode",
     )
     parser.add_argument(
         "--tiny-decoder",
@@ -96,15 +97,15 @@ def uses_onnxruntime(args) -> bool:
 def check_inpaint_options(args) -> None:
     """Combinations argparse cannot check; torch-free, before any weights are resolved."""
     if args.tiny_decoder and args.decoder != "tiny":
-        raise ValueError("--tiny-decoder chooses the weights of --decoder tiny; add --decoder tiny")
+        raise UsageError("--tiny-decoder chooses the weights of --decoder tiny; add --decoder tiny")
     if uses_onnxruntime(args):
         if not args.weights:
-            raise ValueError(
+            raise UsageError(
                 "--backend onnxruntime runs an exported folder: pass --weights OUT_DIR written "
                 "by `moebius export onnx --weights DIR --out OUT_DIR`"
             )
         if args.dtype != "float32":
-            raise ValueError(
+            raise UsageError(
                 "--backend onnxruntime runs the dtype chosen at export (`moebius export onnx "
                 f"--dtype fp16`); drop --dtype {args.dtype}"
             )

@@ -19,6 +19,7 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 
+from moebius.errors import MissingFileError, UsageError
 from moebius.export.onnx import FORMAT_VERSION, GRAPH_FILES, MANIFEST_NAME
 from moebius.models import checkpoints
 
@@ -101,19 +102,19 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     """The manifest of an export folder, with a clear error if it is not one."""
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{directory} is not an ONNX export: {MANIFEST_NAME} is missing. Write one with "
             "`moebius export onnx --weights DIR --out OUT_DIR`"
         )
     data = json.loads(path.read_text())
     if data.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise UsageError(
             f"{path} has format_version {data.get('format_version')}, this version reads "
             f"{FORMAT_VERSION}; export again with this version"
         )
     missing = [f for f in GRAPH_FILES.values() if not (Path(directory) / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"{directory} lacks {missing}; export again")
+        raise MissingFileError(f"{directory} lacks {missing}; export again")
     return data
 
 

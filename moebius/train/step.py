@@ -42,6 +42,8 @@ class LossConfig:
     output_kd: bool = True
     feature_kd: bool = True
     perceptual: bool = True  # needs an E-LatentLPIPS metric (perceptual.py); off when absent
+    perceptual_weights: str | None = None  # path to sdxl_latest_vgg16_tuned.pth
+    perceptual_original_scaling: bool = False  # True: the original's second x0.13025 (spec 3.2)
     adaptive: bool = True  # gradient-norm weights; False = static weights only
     task_weight: float = 0.5  # lambda_task
     kd_weight: float = 0.01  # lambda_KD, applied to both feature and output KD
@@ -172,6 +174,7 @@ def _gradient_norms(cfg, losses, eps_student, feature_param, output_param) -> di
     if at_feature:
         values = W.vjp_norms(eps_student, feature_param, [cotangents[k] for k in at_feature])
         norms.update({f"feat_gnorm_{k}": v for k, v in zip(at_feature, values, strict=True)})
+    if on["feature_kd"] and (adaptive or log_all):  # local: through P_f's own conv only
         norms["feat_gnorm_feature_kd"] = W.param_grad_norm(losses["feature_kd"], feature_param)
     return norms
 
@@ -205,7 +208,7 @@ def _check_inputs(cfg, eps_teacher, teacher_features, feature_param, output_para
     if cfg.perceptual and (metric is None or x_t is None):
         raise ValueError(
             "the perceptual term is on but no metric (or no x_t / alpha_bar_t) was given; "
-            "build one with moebius.train.perceptual.load_perceptual, or set "
+            "build one with moebius.train.perceptual.resolve_perceptual, or set "
             "LossConfig(perceptual=False)"
         )
     if (cfg.adaptive or cfg.log_all_norms) and (feature_param is None or output_param is None):
