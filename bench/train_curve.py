@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -60,12 +61,16 @@ def main() -> None:
         moebius = [sys.executable, "-m", "moebius"]
         subprocess.run([*moebius, "data", "manifest", str(PHOTOS), "-o", str(manifest),
                         "--masks", str(PHOTOS)], env=env, check=True)  # fmt: skip
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run([*moebius, "train", str(ROOT / "configs" / "tiny-cpu.json"), "--output-dir",
                         str(run), *(["--max-steps", str(args.steps)] if args.steps else []),
                         "--set", f"data.manifest={manifest}", "--set", "run.progress=false"],
                        env=env, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
         wall = time.perf_counter() - start
+        cpu_end = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU seconds of the run (main process + data worker): what it costs on idle cores,
+        # nearly independent of how many other processes share the machine
+        cpu = (cpu_end.ru_utime - cpu_start.ru_utime) + (cpu_end.ru_stime - cpu_start.ru_stime)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         config = json.loads((run / "config.json").read_text())
 
@@ -86,6 +91,7 @@ def main() -> None:
         },  # fmt: skip
         "steps": len(rows),
         "wall_s_including_startup": round(wall, 1),
+        "cpu_s_main_and_worker": round(cpu, 1),
         "output_kd_first10_mean": first,
         "output_kd_last10_mean": last,
         "output_kd_ratio_last_to_first": last / first,

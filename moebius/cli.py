@@ -340,8 +340,9 @@ def _one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `moebius` command; returns the exit status.
 
-    A `MoebiusError` (what the user can fix) is printed as one line, exit 2; Ctrl-C exits 130;
-    anything else is a bug, printed as one line asking for --debug (which shows the traceback).
+    A `MoebiusError` or `ValueError` (what the user can fix) is printed as one line, exit 2;
+    Ctrl-C exits 130; anything else is a bug, printed as one line asking for --debug (which shows
+    the traceback).
     """
     try:
         args = build_parser().parse_args(argv)
@@ -355,11 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # inpaint reports its own once files are being written
         print("moebius: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except MoebiusError as err:
+    except (MoebiusError, ValueError) as err:  # a ValueError from a command: a bad argument
         if _debug(args):
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+        return getattr(err, "exit_code", 2)
     except Exception as err:
         if _debug(args):
             raise

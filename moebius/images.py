@@ -73,7 +73,7 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         # Leaving the `with Image.open` block closes the file and keeps the pixels.
         with _PIL_LIMIT_LOCK, _pil_limit(None), Image.open(path) as image:
             _check_pixels(path, image.size, max_pixels)
-            if image.mode in ("RGB", "RGBA") and _rawmode(image).endswith(";16B"):
+            if image.mode in ("RGB", "RGBA") and ";16" in _rawmode(image):  # PNG, TIFF
                 logger.warning("%s: 16-bit %s is read as 8 bits per channel (the model works in "
                                "8 bits); the result is 8-bit", path.name, image.mode)  # fmt: skip
             image.load()  # decode now: truncated files fail here, not later in the pipeline

@@ -60,7 +60,7 @@ def same_file(a: Path, b: Path) -> bool:
     """True when `a` and `b` are one file: the same path, a symlink to it, or a hard link."""
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
         return False
 
 

@@ -246,3 +246,15 @@ def test_cli_errors_are_one_line_with_exit_status_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: cannot read image file") and "missing.jpg" in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+def test_skip_unreadable_logs_and_trains_on_the_rest(manifest, tmp_path, caplog):
+    rows = manifest.read_text().splitlines()[:2]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join([rows[0], '{"image": "gone.jpg"}', rows[1]]) + "\n")
+    run = tmp_path / "run"
+    sets = [f"data.manifest={mixed}", "data.skip_unreadable=true", "run.batch_size=1",
+            "run.max_steps=3"]  # fmt: skip
+    loop.train(tiny(manifest, *sets), run)
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3]  # whole-skipped batches are no step
+    assert "gone.jpg" in caplog.text and "skipping unreadable row 1" in caplog.text

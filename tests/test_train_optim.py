@@ -163,8 +163,8 @@ def test_split_of_the_reduced_student_matches_the_original(optimizer_reference):
     assert [len(adamw), sum(p.numel() for _, p in adamw)] == meta["counts"]["adamw"]
 
 
-def test_three_steps_reproduce_the_original_optimizer(optimizer_reference):
-    meta, ref = optimizer_reference
+def _three_step_errors(meta, ref) -> dict[str, float]:
+    """Run build_optimizer for the reference's 3 steps; the Muon tensors' relative update errors."""
     names = meta["selected"]
     params = [(n, torch.nn.Parameter(ref[f"initial/{n}"].clone())) for n in names]
     opt = build_optimizer(params)  # lr 1e-4, wd 0.1: the reference's hyper-parameters
@@ -186,11 +186,21 @@ def test_three_steps_reproduce_the_original_optimizer(optimizer_reference):
                     errors.get(n, 0.0), float((ours - theirs).abs().max() / theirs.abs().max())
                 )
             p.data.copy_(expected)  # next step starts from the reference value
-    # The op order of the original makes 6 of the 8 Muon tensors bitwise equal (error 0). The
-    # two with the longest reductions (cross-lambda table [1024, 40], 1x1 conv [640, 128]) land
-    # at 2.3% / 3.2% of the update's largest entry, over the README's 2%: bf16 Newton-Schulz is
-    # chaotic at that level (a 1e-6 relative change of its input moves the output by 3-5%), so
-    # BLAS kernel rounding on the reference machine shows. Pinned here so any regression shows.
-    exact = [n for n, e in errors.items() if e < 1e-3]
-    assert len(errors) == 8 and len(exact) == 6, errors
+    assert len(errors) == 8
+    return errors
+
+
+def test_three_steps_reproduce_the_original_optimizer(optimizer_reference):
+    meta, ref = optimizer_reference
+    # The reference ran on a CPU whose bf16 matmuls do not go through oneDNN (no AVX-512 BF16):
+    # with the same kernel, every Muon tensor is reproduced bit for bit (README tolerance: 2%).
+    with torch.backends.mkldnn.flags(enabled=False):
+        errors = _three_step_errors(meta, ref)
+    assert max(errors.values()) == 0.0, errors
+    # oneDNN's bf16 kernels (AVX-512 BF16 / AMX) sum in another order. 6 of the 8 tensors stay
+    # bitwise equal; the two with the longest reductions (cross-lambda table [1024, 40], 1x1 conv
+    # [640, 128]) land at 2.3% / 3.2% of the update's largest entry: bf16 Newton-Schulz amplifies
+    # rounding (a 1e-6 relative change of its input moves the output by 3-5%).
+    errors = _three_step_errors(meta, ref)
+    assert sum(e < 1e-3 for e in errors.values()) >= 6, errors
     assert max(errors.values()) <= 0.035, errors

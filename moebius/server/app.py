@@ -142,8 +142,16 @@ class Service:
                 {"Retry-After": self.retry_after()},
             )
 
-    def submit(self, image, mask, options: dict, seed: int) -> Job:
-        job = Job(image, mask, options, seed, time.monotonic() + self.config.timeout)
+    async def submit(self, image, mask, options: dict, seed: int) -> Job:
+        """Queue a job (503 when full or not ready); its window count is planned off the loop."""
+        try:
+            windows = await run_in_threadpool(self.worker.count_windows, image, mask, options)
+        except NotReady as err:
+            raise ApiError(503, "not ready", str(err), {"Retry-After": "5"}) from err
+        except ValueError as err:  # e.g. strategy 'native' for an image of another size
+            raise ApiError(400, "invalid input", str(err)) from err
+        job = Job(image, mask, options, seed, time.monotonic() + self.config.timeout,
+                  windows=windows)  # fmt: skip
         try:
             return self.worker.submit(job)
         except QueueFull as err:
@@ -294,7 +302,7 @@ def create_app(load_pipeline: Callable, config: ServerConfig = ServerConfig()) -
         )
         the_seed = resolve_seed(seed)
         image_pil, mask_pil, _ = await service.decode_pair(await image.read(), await mask.read())
-        job = service.submit(image_pil, mask_pil, options, the_seed)
+        job = await service.submit(image_pil, mask_pil, options, the_seed)
         if "text/event-stream" in request.headers.get("accept", ""):
             return StreamingResponse(
                 service.stream(job, output_format), media_type="text/event-stream"

@@ -11,6 +11,7 @@ import logging
 import os
 
 from moebius import options as opts
+from moebius.errors import UsageError
 
 logger = logging.getLogger("moebius")
 
@@ -70,15 +71,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    """Raise ValueError (exit 2) for an unsafe bind or a bad device, before loading anything."""
-    opts.validate(device=args.device)
+    """Raise UsageError (exit 2) for an unsafe bind or a bad device, before loading anything."""
+    try:
+        opts.validate(device=args.device)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     if not is_loopback(args.host) and not args.api_key:
-        raise ValueError(
+        raise UsageError(
             f"--host {args.host} accepts connections from other machines, so it needs "
             "--api-key KEY (clients then send 'Authorization: Bearer KEY'); or bind 127.0.0.1"
         )
     if not 0 <= args.port < 65536:
-        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
 
 
 def run(args) -> int:
@@ -88,7 +92,7 @@ def run(args) -> int:
 
         from moebius.server.app import ServerConfig, create_app
     except ImportError as err:
-        raise ValueError(
+        raise UsageError(
             f"moebius serve needs the server extra ({err.name} is missing): "
             "pip install 'moebius-inpaint[server]'"
         ) from err

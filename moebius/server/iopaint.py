@@ -56,7 +56,7 @@ async def inpaint(req: IOPaintInpaintRequest, request: Request):
         guidance_scale=req.sd_guidance_scale,
         **iopaint_strategy(req, image.size),
     )
-    job = service.submit(image, mask, options, resolve_seed(req.sd_seed))
+    job = await service.submit(image, mask, options, resolve_seed(req.sd_seed))
     return await service.answer(job, fmt)  # in the input's format, as IOPaint answers
 
 

@@ -1,9 +1,11 @@
 """One inference thread in front of the pipeline: a bounded queue, batching, deadlines, cancel.
 
 The event loop never runs the model. Requests become `Job`s in a bounded queue (a full queue is
-refused at once, so memory stays bounded); one worker thread takes the oldest job plus every
-queued job with the same options and seed (up to `max_batch`) and calls `pipe(images, masks, ...)`
-once, which puts the native-size windows of all of them through the model in shared batches.
+refused at once, so memory stays bounded); one worker thread takes the oldest job plus queued jobs
+with the same options, as long as their native-size windows fit one model batch (`max_batch`),
+and calls `pipe(images, masks, noise=...)` once. Each job's share of `noise` is drawn from its own
+seed exactly as a lone `pipe(image, mask, generator=seed)` call draws it, so batching never
+changes a result: `X-Seed` reproduces it. A job with more windows than a batch runs alone.
 The pipeline's step `callback` reports progress and is where a run stops early: when every job of
 the batch has been abandoned (its client timed out or left) or the server shuts down.
 """
@@ -51,11 +53,12 @@ class Job:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     abandoned: bool = False  # set by the client side on time-out or disconnect
     batch_size: int = 0  # how many jobs shared the pipeline call (set when it starts)
+    windows: int = 1  # native-size windows the pipeline runs for it (`count_windows`)
 
     @property
     def batch_key(self) -> tuple:
-        """Jobs with equal keys can share one pipeline call (same options, same noise seed)."""
-        return (self.seed, tuple(sorted(self.options.items())))
+        """Jobs with equal keys can share one pipeline call (the same options)."""
+        return tuple(sorted(self.options.items()))
 
     def abandon(self) -> None:
         """The client stopped waiting: drop the job if queued, stop its run if it runs alone."""
@@ -139,6 +142,17 @@ class InferenceWorker:
             self._cond.notify()
         return job
 
+    def count_windows(self, image: Image.Image, mask: Image.Image, options: dict) -> int:
+        """Native-size windows `pipe` will run for this pair (the pipeline's mask rule and plan)."""
+        from moebius import masks, strategies
+
+        if self.pipe is None:
+            raise NotReady(self.load_error or "the model is still loading; retry shortly")
+        fill = masks.prepare_mask(mask, image.size, dilation=options.get("mask_dilation", 0))
+        strategy = options.get("strategy", "auto")
+        margin = options.get("margin", strategies.DEFAULT_MARGIN)
+        return len(strategies.plan(fill, self.pipe.native_size, strategy, margin))
+
     # ------------------------------------------------------------------------------ the thread
     def _take_batch(self) -> list[Job] | None:
         """Wait for the oldest job, then take the queued jobs it can share a call with."""
@@ -148,13 +162,13 @@ class InferenceWorker:
             if self._stopping:
                 return None
             first = self._jobs.popleft()
-            batch = [first]
+            batch, windows = [first], first.windows
             for job in list(self._jobs):
-                if len(batch) == self.max_batch:
-                    break
-                if job.batch_key == first.batch_key:
+                fits = windows + job.windows <= self.max_batch and len(batch) < self.max_batch
+                if fits and job.batch_key == first.batch_key:
                     self._jobs.remove(job)
                     batch.append(job)
+                    windows += job.windows
             # A job abandoned while queued was cancelled: it is not run.
             batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
             self._running = batch
@@ -192,8 +206,7 @@ class InferenceWorker:
                 [job.image for job in batch],
                 [job.mask for job in batch],
                 **first.options,
-                batch_size=self.max_batch,
-                generator=torch.Generator().manual_seed(first.seed),
+                **self._noise(batch),
                 callback=callback,
             )
         except Exception as err:  # handed to every waiting client; the thread lives on
@@ -208,6 +221,28 @@ class InferenceWorker:
         for job, result in zip(batch, results, strict=True):
             if not job.future.done():
                 job.future.set_result(result)
+
+    def _noise(self, batch: list[Job]) -> dict:
+        """Pipeline keywords for the noise: every job's draws from its own seed, in one batch.
+
+        A lone `pipe(..., generator=seed, batch_size=max_batch)` with k <= max_batch windows draws
+        the four tensors of one batch of k; concatenating those per job (in the pipeline's window
+        order: image by image) gives every job the noise it would get alone. A job with more
+        windows than a batch runs alone with its generator.
+        """
+        if (
+            len(batch) == 1
+            and batch[0].windows > self.max_batch
+            or not any(job.windows for job in batch)
+        ):
+            generator = torch.Generator().manual_seed(batch[0].seed)
+            return {"generator": generator, "batch_size": self.max_batch}
+        draws = [
+            self.pipe.draw_noise(job.windows, generator=torch.Generator().manual_seed(job.seed))
+            for job in batch
+            if job.windows
+        ]
+        return {"noise": {key: torch.cat([d[key] for d in draws]) for key in draws[0]}}
 
 
 def _steps_per_run(options: dict) -> int:

@@ -427,12 +427,12 @@ def _train(config, output_dir, resume, d, tqdm) -> Path:
 
     bar = tqdm(total=config.run.max_steps, initial=step, desc="train", unit="step",
                disable=not (d.main and config.run.progress))  # fmt: skip
-    batches = iter(loader)
+    batches, stopping = iter(loader), False
     with _StopRequest() as stop:
         while step < config.run.max_steps:
             batch = _next_batch(batches)
             position.advance(config.run.batch_size, per_epoch)
-            if batch is None:  # every sample of this batch was unreadable and skipped
+            if _any(d, batch is None):  # a batch of only skipped (unreadable) samples, any rank
                 continue
             batch.pop("index")
             logs, lr = train_step(batch, nets, student, optimizer, lr_scheduler, ema, config,
@@ -442,7 +442,7 @@ def _train(config, output_dir, resume, d, tqdm) -> Path:
             if d.main and (step % config.run.log_every == 0 or step == config.run.max_steps):
                 record = {"step": step, "lr": lr, **logs_to_floats(logs)}
                 _log(record, metrics_file, writer, bar)
-            stopping = _any(d, stop.requested)
+            stopping = _any(d, stop.requested)  # every rank stops at the same step
             if step % config.run.save_every == 0 or stopping or step == config.run.max_steps:
                 save()
             if stopping:
@@ -451,7 +451,7 @@ def _train(config, output_dir, resume, d, tqdm) -> Path:
     if writer is not None:
         writer.close()
         metrics_file.close()
-    if stop.requested:
+    if stopping:
         logger.warning("stopped at step %d (checkpoint saved); continue with --resume", step)
         return output_dir / ckpt.CHECKPOINTS
     final = output_dir / ckpt.FINAL
