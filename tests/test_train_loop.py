@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from moebius.train import checkpoint as ckpt
-from moebius.train import loop
+from moebius.train import loop, networks
 from moebius.train.config import load_config
 from moebius.train.data import write_manifest
 
@@ -65,7 +65,7 @@ def test_gradient_checkpointing_same_grads_and_batchnorm_updates_once():
     plain = MoebiusUNet(MoebiusConfig.tiny()).train()
     ckpted = MoebiusUNet(MoebiusConfig.tiny()).train()
     ckpted.load_state_dict(plain.state_dict())
-    loop.enable_gradient_checkpointing(ckpted)
+    networks.enable_gradient_checkpointing(ckpted)
     assert ckpted.state_dict().keys() == plain.state_dict().keys()
     x, ids = torch.randn(2, 9, 16, 16), torch.tensor([list(range(10))] * 2)
     for model in (plain, ckpted):

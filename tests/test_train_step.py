@@ -87,7 +87,7 @@ def test_any_term_can_be_switched_off(tiny, task, output_kd, feature_kd, percept
 def test_adaptive_weights_under_gradient_checkpointing_change_nothing(tiny):
     """The weighting backpropagates through the up path twice (norm, then the total): the loop's
     checkpointed blocks recompute twice and must give the same numbers and BatchNorm statistics."""
-    from moebius.train.loop import enable_gradient_checkpointing
+    from moebius.train.networks import enable_gradient_checkpointing
 
     _, batch = tiny
     results = []

@@ -105,7 +105,7 @@ def _run_cache(a) -> int:
     import torch
 
     from moebius.train.cache import cache_latents
-    from moebius.train.loop import load_vae
+    from moebius.train.networks import load_vae
 
     config = _load_config(a.config, a.set)
     vae = load_vae(a.vae, config.model.init_seed).to(torch.device(a.device))
