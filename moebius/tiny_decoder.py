@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from moebius.errors import MissingFileError, UsageError
+from moebius.models.optimize import cpu_has_fast_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,7 @@ def fast_dtype(device: str | torch.device) -> torch.dtype:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return torch.bfloat16 if device.type == "cpu" and native else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
 
 
 def load_tiny_decoder(
