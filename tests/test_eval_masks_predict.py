@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import shared_path
 from PIL import Image
 
@@ -180,7 +181,14 @@ def test_predict_moebius_two_processes_equal_one(mask_set, tiny_weights, tmp_pat
     args = ["eval", "predict", "--method", "moebius", "--images", str(images), "--masks",
             str(masks), "--weights", str(tiny_weights), "--steps", "2", "--seed", "5",
             "-q"]  # fmt: skip
-    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    # Same intra-op thread count as each torchrun worker (OMP_NUM_THREADS=1): float sums with
+    # another thread count may round a pixel differently; the process count must not.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
     torchrun(*args, "--out", str(tmp_path / "two"))
     one = files(tmp_path / "one")
     assert len(one) == 5 and one == files(tmp_path / "two")
