@@ -21,27 +21,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 from PIL import Image
 from report import emit, machine_state
 
 from moebius.models import MoebiusConfig, MoebiusUNet
 from moebius.pipeline import InpaintPipeline
+from moebius.train.networks import tiny_vae
 
 
 def tiny_weights(folder: Path) -> Path:
     """Random tiny student + tiny VAE (native 128 px), saved like a real weights folder."""
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=128,
-    )
-    return InpaintPipeline(MoebiusUNet(MoebiusConfig.tiny()), vae).save_pretrained(folder)
+    unet = MoebiusUNet(MoebiusConfig.tiny())
+    return InpaintPipeline(unet, tiny_vae(seed=0)).save_pretrained(folder)
 
 
 def write_inputs(folder: Path, side: int, hole: int) -> tuple[Path, Path]:
