@@ -30,7 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moebius.models.blocks import DepthwiseSeparableConv, Upsample2D
+from moebius.models.blocks import (
+    DepthwiseSeparableConv,
+    DWResnetBlock2D,
+    MixTransformer2D,
+    Upsample2D,
+)
+from moebius.models.fused_blocks import FusedResnet, FusedTransformer2D
 from moebius.models.lambda_layers import CrossLambda, SelfLambda
 
 logger = logging.getLogger(__name__)
@@ -112,13 +118,14 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class FastSelfLambda(nn.Module):
-    """`SelfLambda` with folded norms, a fused q|k|v projection and one layout pass.
+    """`SelfLambda` with folded norms, a fused q|k|v projection and no layout passes.
 
-    y_n = q_n^T (lambda_c + lambda_p,n) is one (h x k) @ (k x v) matmul per position. The
-    position conv (value channels folded into the batch, as released) writes lambda_p
-    channels-last, i.e. (B, v, n, k) with k innermost; adding lambda_c while writing it out as
-    (B, n, v, k) is the only copy (the plain path permutes (B, k, v, n) tensors several times).
-    A depthwise form (groups = v, k kernels repeated) measured slower in fp32 and bf16.
+    y_n = q_n^T (lambda_c + lambda_p,n) = q_n^T lambda_c + q_n^T lambda_p,n.  The first term is
+    one batched matmul for all positions.  The position conv (value channels folded into the
+    batch, as released) writes lambda_p channels-last, i.e. (v, n, k) with k innermost, and the
+    second term is one strided batched matmul over n reading it in place (on CPU, one image at
+    a time; elsewhere, and under torch.compile, lambda_c + lambda_p is laid out as (B, n, v, k)
+    for a single matmul).  A depthwise form (groups = v, k kernels repeated) measured slower.
     """
 
     def __init__(self, layer: SelfLambda):
@@ -141,7 +148,8 @@ class FastSelfLambda(nn.Module):
         # One input channel: give it channels-last strides explicitly (for C = 1 the layouts
         # coincide, and only these strides make oneDNN write the output channels-last).
         folded = values.contiguous().view(b * v, 1, hgt, wid)
-        folded = folded.as_strided(folded.shape, (hgt * wid, 1, wid, 1))
+        if not torch.compiler.is_compiling():  # inductor chooses layouts itself
+            folded = folded.as_strided(folded.shape, (hgt * wid, 1, wid, 1))
         pad = self.pos_weight.shape[-1] // 2
         pos = F.conv2d(folded, self.pos_weight, self.pos_bias, padding=pad)  # (B*v, k, H, W)
         return _rows(pos).reshape(b, v, hgt * wid, self.dim_k).transpose(1, 2)
@@ -154,13 +162,32 @@ class FastSelfLambda(nn.Module):
         # Softmax over positions and the content-lambda sum over n in float32 (bf16-safe).
         keys = keys.flatten(2).float().softmax(dim=-1)  # (B, k, n)
         content = torch.bmm(keys, _rows(values).float()).to(x.dtype)  # (B, k, v)
-        pos = self.position_lambdas(values)  # (B, n, v, k), maybe a strided view
-        # lambda_c + lambda_p,n written into contiguous (B, n, v, k): the one layout pass.
-        lambdas = torch.empty((b, n, v, k), dtype=pos.dtype, device=pos.device)
-        torch.add(pos, content.transpose(1, 2)[:, None], out=lambdas)
-        q = _rows(q).reshape(b * n, h, k)
-        y = torch.bmm(q, lambdas.view(b * n, v, k).transpose(1, 2))  # (B*n, h, v)
+        q = _rows(q).reshape(b, n, h, k)
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            y = self._per_image(q, content, values)
+        else:
+            pos = self.position_lambdas(values)  # (B, n, v, k), maybe a strided view
+            # lambda_c + lambda_p,n in contiguous (B, n, v, k), then one batched matmul.
+            lambdas = (pos + content.transpose(1, 2)[:, None]).contiguous()
+            y = torch.bmm(q.reshape(b * n, h, k), lambdas.view(b * n, v, k).transpose(1, 2))
         return y.view(b, hgt, wid, h * v).permute(0, 3, 1, 2)  # (B*n, h, v) -> channels-last
+
+    def _per_image(
+        self, q: torch.Tensor, content: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        """CPU: y = q lambda_c + q lambda_p,n one image at a time -> [B*n, h, v].
+
+        The position lambdas of one image (n, v, k) stay under glibc's largest mmap threshold
+        (bigger temporaries are mapped fresh and page-faulted on every call), and the matmul
+        reads them through strides, so they are never laid out again.
+        """
+        b, n, h, k = q.shape
+        v = content.shape[-1]
+        y = torch.bmm(q.reshape(b, n * h, k), content).view(b, n, h, v)
+        for i in range(b):
+            pos = self.position_lambdas(values[i : i + 1])[0]  # (n, v, k), a strided view
+            y[i].baddbmm_(q[i], pos.transpose(1, 2))
+        return y.view(b * n, h, v)
 
 
 class FastCrossLambda(nn.Module):
@@ -313,6 +340,8 @@ def optimize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         _replace(fast, SelfLambda, FastSelfLambda)
         _replace(fast, CrossLambda, FastCrossLambda)
         _replace(fast, Upsample2D, FastUpsample2D)
+        _replace(fast, MixTransformer2D, FusedTransformer2D)
+        _replace(fast, DWResnetBlock2D, FusedResnet)
         unet = fast.diff_model
         unet.conv_in, unet.conv_out = ChannelsLastIn(unet.conv_in), ContiguousOut(unet.conv_out)
         _to_channels_last(fast)
