@@ -12,6 +12,7 @@ Peak RSS is reset before each call (Linux /proc/self/clear_refs) and read after 
 
     python bench/inpaint.py --runs 3 --out bench/results/inpaint_cpu.json
     python bench/inpaint.py --steps 3 --runs 1 --scenarios native   # a quick look
+    python bench/inpaint.py --device cuda --compile --runs 10          # GPU (bench/gpu.sh)
 """
 
 import argparse
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
-from report import device_info, emit, machine_state, summarize
+from report import device_info, emit, machine_state, peak_rss_gib_now, peak_rss_reset, summarize
 
 from moebius.models import MoebiusConfig, MoebiusUNet
 from moebius.models.optimize import cpu_has_fast_bf16
@@ -61,22 +62,6 @@ def photo(size: tuple[int, int], box: tuple[int, int, int, int]) -> tuple[Image.
     return Image.fromarray(base.clip(0, 255).astype(np.uint8)), Image.fromarray(mask)
 
 
-def peak_rss_reset() -> None:
-    """Reset this process's peak RSS counter (VmHWM) where Linux allows it."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_gib_now() -> float:
-    """VmHWM of this process in GiB (peak RSS since the last reset)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
 def timed_call(pipe, image, mask, strategy: str, steps: int) -> dict:
     """One inpaint call: total seconds, per-step seconds (callback), peak RSS, output."""
     marks = []
@@ -85,6 +70,8 @@ def timed_call(pipe, image, mask, strategy: str, steps: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     out = pipe(image, mask, steps=steps, strategy=strategy, generator=gen,
                callback=lambda i, t, x: marks.append(time.perf_counter()))  # fmt: skip
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
     total = time.perf_counter() - start
     step_s = list(np.diff(marks)) if len(marks) > 1 else []
     return {"total_s": total, "step_s": step_s, "rss": peak_rss_gib_now(), "out": out}
@@ -96,18 +83,28 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     parser.add_argument("--tiny", action="store_true", help="tiny networks: a smoke test")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--compile", action="store_true",
+                        help="the fast variants with torch.compile (compiled by a warm-up call "
+                        "before timing)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     config = MoebiusConfig.tiny() if args.tiny else MoebiusConfig()
     unet, vae = MoebiusUNet(config).eval(), sdxl_vae(args.tiny)
-    pipes = {"plain_fp32": InpaintPipeline(unet, vae)}
+    pipes = {"plain_fp32": InpaintPipeline(unet, vae).to(args.device)}
     dtypes = {"fast_fp32": torch.float32}
-    if cpu_has_fast_bf16():
+    if args.device != "cpu" or cpu_has_fast_bf16():
         dtypes["fast_bf16"] = torch.bfloat16
+    if args.device != "cpu":
+        dtypes["fast_fp16"] = torch.float16
     for name, dtype in dtypes.items():  # each with its own VAE: optimize() changes its layout
-        pipes[name] = InpaintPipeline(unet, copy.deepcopy(vae)).optimize(dtype)
+        pipe = InpaintPipeline(unet, copy.deepcopy(vae)).to(args.device)
+        pipes[name] = pipe.optimize(dtype, compile=args.compile)
+        if args.compile:
+            pipes[name].set_progress_bar_config(disable=True)
+            pipes[name].warm_up()
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
     unet_calls = int(args.steps * Recipe.strength)
@@ -145,12 +142,16 @@ def main() -> None:
                              "strategy": strategy, "variants": entry}  # fmt: skip
         report = {  # written after every scenario, so a long run leaves partial results
             "benchmark": "inpaint",
-            **device_info(),
+            **device_info(args.device),
             "steps": args.steps,
             "unet_calls_per_inpaint": unet_calls,
             "default_unet_calls": DEFAULT_STEPS,
             "networks": "tiny" if args.tiny else "released sizes, random weights",
             "vae": "SDXL AutoencoderKL layout, float32",
+            "compiled": args.compile,
+            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30
+            if args.device.startswith("cuda")
+            else None,
             **machine_state(),
             "results": results,
         }

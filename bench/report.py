@@ -112,3 +112,35 @@ def peak_rss_gib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def peak_rss_reset() -> None:
+    """Reset this process's peak RSS counter (VmHWM) where Linux allows it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gib_now() -> float:
+    """VmHWM of this process in GiB (peak RSS since the last reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def peak_memory_gib(fn, device: str = "cpu") -> float:
+    """Peak memory of one call of `fn`: CUDA max allocated, or the process's peak RSS on CPU
+    (which includes the weights and everything else alive during the call)."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**30
+    peak_rss_reset()
+    fn()
+    return peak_rss_gib_now()

@@ -3,23 +3,35 @@
 Variants, timed interleaved in one process (one warm-up each, then `--runs` rounds):
   plain_fp32  the eager reference modules (numerically the original),
   fast_fp32   `moebius.models.optimize(model)`,
-  fast_bf16   `optimize(model, torch.bfloat16)` (skipped where bf16 is not native).
+  fast_bf16   `optimize(model, torch.bfloat16)` (skipped where bf16 is not native),
+  *_compiled  with `--compile`: the fast variants through `optimize(..., compile=True)`.
 Prints JSON: device and CPU flags, torch version, threads, shapes, FLOPs, median + spread per
 variant, speed ratios to plain_fp32, achieved GFLOP/s as a fraction of a large matmul's rate
 in the same dtype (measured in this process), the max abs / relative difference of eps to
-plain_fp32, and peak RSS.
+plain_fp32, and the peak memory of one call per variant (CPU: process peak RSS, which includes
+every variant's weights; GPU: max allocated).
 
     python bench/unet_step.py --runs 5 --out bench/results/unet_step_cpu.json
     python bench/unet_step.py --weights ../shared/reference/parity --runs 3
+    python bench/unet_step.py --compile --runs 5   # + torch.compile'd fast variants
     python bench/unet_step.py --device cuda --runs 20   # adds fast_fp16 (not yet measured)
 """
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
-from report import device_info, emit, interleaved, machine_state, matmul_gflops, peak_rss_gib
+from report import (
+    device_info,
+    emit,
+    interleaved,
+    machine_state,
+    matmul_gflops,
+    peak_memory_gib,
+    peak_rss_gib,
+)
 from student_forward import count_flops
 
 from moebius.models import MoebiusConfig, MoebiusUNet, optimize
@@ -65,6 +77,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch", type=int, default=2, help="2 = one image with guidance")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--compile", action="store_true",
+                        help="add torch.compile'd copies of the fast variants (first_call_s "
+                        "then includes compiling)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
 
@@ -76,15 +91,24 @@ def main() -> None:
         models["fast_bf16"] = optimize(plain, torch.bfloat16)
     if args.device != "cpu":
         models["fast_fp16"] = optimize(plain, torch.float16)
+    if args.compile:
+        for name in [n for n in models if n.startswith("fast")]:
+            dtype = next(models[name].parameters()).dtype
+            models[f"{name}_compiled"] = optimize(plain, dtype, compile=True)
     dtypes = {name: next(m.parameters()).dtype for name, m in models.items()}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
 
     with torch.inference_mode():
         ref = plain(sample, t, ids)
-        accuracy = {n: compare(m(sample.to(dtypes[n]), t, ids), ref) for n, m in models.items()}
+        accuracy, first_call = {}, {}
+        for name, model in models.items():  # the first call of a compiled model compiles it
+            start = time.perf_counter()
+            accuracy[name] = compare(model(sample.to(dtypes[name]), t, ids), ref)
+            first_call[name] = time.perf_counter() - start
         inputs = {n: sample.to(dtypes[n]) for n in models}
         calls = {n: (lambda m=m, x=inputs[n]: m(x, t, ids)) for n, m in models.items()}
         timing = interleaved(calls, args.runs, sync)
+        peaks = {name: peak_memory_gib(call, args.device) for name, call in calls.items()}
         rates = {d: matmul_gflops(d, args.device) for d in set(dtypes.values())}
 
     flops = count_flops(config, args.batch)
@@ -98,6 +122,8 @@ def main() -> None:
             "speedup_vs_plain_fp32": base / stats["median_s"],
             "gflop_per_s": gflops,
             "fraction_of_matmul_rate": gflops / rates[dtypes[name]],
+            "first_call_s": first_call[name],
+            "peak_memory_gib": peaks[name],
             **accuracy[name],
         }
     emit(

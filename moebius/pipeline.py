@@ -99,12 +99,24 @@ class InpaintPipeline:
                 module.to(dtype=dtype)
         return self
 
-    def optimize(self, dtype: torch.dtype | None = None) -> InpaintPipeline:
+    def optimize(
+        self, dtype: torch.dtype | None = None, *, compile: bool = False
+    ) -> InpaintPipeline:
         """Swap in the fast UNet (`moebius.models.optimize`): same outputs in float32, or
         bfloat16 / float16 where the device runs it natively. The VAE keeps its dtype (bf16
-        decoding moves pixels by up to ~10 levels) and gets channels-last convs (same values)."""
-        self.unet = optimize_model(self.unet, dtype)
+        decoding moves pixels by up to ~10 levels) and gets channels-last convs (same values).
+        `compile=True` also compiles the UNet (torch.compile) on its first call: see `warm_up`."""
+        self.unet = optimize_model(self.unet, dtype, compile=compile)
         self.vae.to(memory_format=torch.channels_last)
+        return self
+
+    def warm_up(self) -> InpaintPipeline:
+        """Run one small native-size inpaint, so a compiled UNet compiles now, not on the first
+        request (a single image: other batch sizes compile once more when first seen)."""
+        side = self.native_size
+        image, mask = Image.new("RGB", (side, side), (128, 128, 128)), Image.new("L", (side, side))
+        mask.paste(255, (side // 4, side // 4, side // 2, side // 2))
+        self(image, mask, steps=3, strategy="native", generator=torch.Generator().manual_seed(0))
         return self
 
     @property

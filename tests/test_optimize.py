@@ -249,3 +249,27 @@ def test_fast_path_full_size_random_weights():
         ref = model(sample, t, ids)
         out = optimize(model)(sample, t, ids)
     assert (out - ref).abs().max() < FP32_TOL
+
+
+def test_compiled_fast_path_matches_plain(tiny):
+    """optimize(compile=True): inductor's graph of the fast UNet gives the plain outputs, and
+    the pipeline's warm_up compiles it before the first real call."""
+    sample, t, ids = _guided_inputs(tiny.config)
+    fast = optimize(tiny, compile=True)
+    assert fast.optimized_compiled and not optimize(tiny).optimized_compiled
+    with torch.inference_mode():
+        ref = tiny(sample, t, ids)
+        out = fast(sample, t, ids)
+        again = fast(sample + 1, t, ids)  # the same graph on new values
+        ref_again = tiny(sample + 1, t, ids)
+    assert (out - ref).abs().max() < FP32_TOL
+    assert (again - ref_again).abs().max() < FP32_TOL
+
+
+@pytest.mark.parametrize("command", ["inpaint", "serve"])
+def test_compile_needs_fast(command, tmp_path, capsys):
+    args = [command, "--compile", "--weights", str(tmp_path)]
+    if command == "inpaint":
+        args[1:1] = [str(tmp_path / "a.png"), str(tmp_path / "m.png")]
+    assert main(args) == 2
+    assert "add --fast" in capsys.readouterr().err

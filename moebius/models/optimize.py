@@ -210,6 +210,10 @@ class FastCrossLambda(nn.Module):
 
     def context_lambdas(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(content lambda [B, k, v], values^T [B, l, v]) in float32, cached per context."""
+        if torch.compiler.is_compiling():  # inside a compiled graph: recomputed, tiny
+            keys = self.to_k(context).float().transpose(1, 2).softmax(dim=-1)
+            values = self.to_v(context).float()
+            return torch.bmm(keys, values), values
         cache = self._cache  # read once: another thread may replace it meanwhile
         if cache is not None and cache[0].shape == context.shape and torch.equal(cache[0], context):
             return cache[1], cache[2]
@@ -319,11 +323,17 @@ def _to_channels_last(model: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------- entry point
-def optimize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+def optimize(
+    model: nn.Module, dtype: torch.dtype | None = None, *, compile: bool = False
+) -> nn.Module:
     """An optimised inference copy of a student or teacher UNet; `model` itself is untouched.
 
     Same outputs as the plain model within float32 rounding (dtype None / float32), or a
     reduced-precision copy (bfloat16 / float16) where the device runs it natively.
+
+    `compile=True` also hands the UNet to `torch.compile` (inductor, static shapes, frozen
+    weights): it compiles on the first call — minutes on a small CPU, cached on disk for later
+    processes — and pays off for servers and batch jobs that run many steps.
     """
     from moebius.models.student import MoebiusUNet
     from moebius.models.teacher import PixelHackerUNet
@@ -346,5 +356,9 @@ def optimize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         unet.conv_in, unet.conv_out = ChannelsLastIn(unet.conv_in), ContiguousOut(unet.conv_out)
         _to_channels_last(fast)
     fast.to(dtype=dtype)
+    if compile:
+        target = fast.diff_model if isinstance(fast, MoebiusUNet) else fast
+        target.compile(dynamic=False, options={"freezing": True})
     fast.optimized_dtype = dtype
+    fast.optimized_compiled = compile
     return fast

@@ -56,6 +56,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="Hugging Face cache folder (default: HF_HOME's)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
     p.add_argument("--dtype", choices=opts.DTYPES, default="float32")
+    p.add_argument("--fast", action="store_true",
+                   help="optimised UNet (same outputs); bf16 with --dtype bfloat16")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="with --fast: torch.compile the UNet while loading (minutes once, "
+                   "cached on disk), for the fastest steps")  # fmt: skip
     p.add_argument("--queue-size", type=_positive(int), default=8, help="waiting requests (8)")
     p.add_argument("--max-pixels", type=_positive(int), default=opts.DEFAULT_MAX_PIXELS,
                    help=f"largest image in pixels, checked from its header "
@@ -81,6 +86,8 @@ def check_args(args) -> None:
             f"--host {args.host} accepts connections from other machines, so it needs "
             "--api-key KEY (clients then send 'Authorization: Bearer KEY'); or bind 127.0.0.1"
         )
+    if args.compile and not args.fast:
+        raise UsageError("--compile compiles the optimised UNet: add --fast")
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
 
@@ -109,9 +116,13 @@ def run(args) -> int:
         device = args.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return InpaintPipeline.from_files(files, model=args.model).to(
-            device, getattr(torch, args.dtype)
-        )
+        dtype = getattr(torch, args.dtype)
+        pipe = InpaintPipeline.from_files(files, model=args.model)
+        if not args.fast:
+            return pipe.to(device, dtype)
+        pipe.to(device).optimize(dtype, compile=args.compile)  # fold in float32, then cast
+        pipe.vae.to(dtype=dtype)
+        return pipe.warm_up() if args.compile else pipe
 
     config = ServerConfig(
         queue_size=args.queue_size, max_pixels=args.max_pixels,
