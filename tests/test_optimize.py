@@ -270,6 +270,6 @@ def test_compiled_fast_path_matches_plain(tiny):
 def test_compile_needs_fast(command, tmp_path, capsys):
     args = [command, "--compile", "--weights", str(tmp_path)]
     if command == "inpaint":
-        args[1:1] = [str(tmp_path / "a.png"), str(tmp_path / "m.png")]
+        args[1:1] = [str(tmp_path / "a.png"), str(tmp_path / "m.png"), "-o", str(tmp_path / "o")]
     assert main(args) == 2
     assert "add --fast" in capsys.readouterr().err
