@@ -266,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true",
                    help="optimised UNet (same outputs); bf16 with --dtype bfloat16")  # fmt: skip
     p.add_argument("--compile", action="store_true",
-                   help="with --fast: torch.compile the UNet (minutes once, cached on disk; "
-                   "pays off for folders of images)")  # fmt: skip
+                   help="with --fast: torch.compile the UNet (GPU; minutes once, cached on "
+                   "disk; on CPU the eager fast path is faster)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed, the same for every image")
     # Recipe options left unset take the pipeline's defaults, which are the original's.
     p.add_argument("--steps", type=int, help="DDIM steps of the schedule")

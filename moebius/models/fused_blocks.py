@@ -37,11 +37,11 @@ ACTIVATIONS = {"none": lambda y: y, "relu": F.relu_, "swish": lambda y: F.silu(y
 def _mkldnn(x: torch.Tensor) -> bool:
     """Whether oneDNN's fused convolution ops take `x` here (eager CPU, float32 / bfloat16)."""
     return (
-        x.device.type == "cpu"
+        not torch.compiler.is_compiling()  # first: nothing else is evaluated while tracing
+        and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
-        and not torch.compiler.is_compiling()
     )
 
 

@@ -332,8 +332,8 @@ def optimize(
     reduced-precision copy (bfloat16 / float16) where the device runs it natively.
 
     `compile=True` also hands the UNet to `torch.compile` (inductor, static shapes, frozen
-    weights): it compiles on the first call — minutes on a small CPU, cached on disk for later
-    processes — and pays off for servers and batch jobs that run many steps.
+    weights): it compiles on the first call (minutes, cached on disk for later processes). It
+    is meant for GPUs: on CPU the compiled graph measured slower than the eager fast modules.
     """
     from moebius.models.student import MoebiusUNet
     from moebius.models.teacher import PixelHackerUNet
@@ -357,6 +357,11 @@ def optimize(
         _to_channels_last(fast)
     fast.to(dtype=dtype)
     if compile:
+        if device.type == "cpu":
+            logger.warning(
+                "torch.compile of the fast UNet measured slower than the eager fast path on "
+                "CPU (bench/results/unet_step_compile_cpu.json); it is meant for GPUs"
+            )
         target = fast.diff_model if isinstance(fast, MoebiusUNet) else fast
         target.compile(dynamic=False, options={"freezing": True})
     fast.optimized_dtype = dtype

@@ -59,8 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true",
                    help="optimised UNet (same outputs); bf16 with --dtype bfloat16")  # fmt: skip
     p.add_argument("--compile", action="store_true",
-                   help="with --fast: torch.compile the UNet while loading (minutes once, "
-                   "cached on disk), for the fastest steps")  # fmt: skip
+                   help="with --fast: torch.compile the UNet while loading (GPU; minutes "
+                   "once, cached on disk; on CPU the eager fast path is faster)")  # fmt: skip
     p.add_argument("--queue-size", type=_positive(int), default=8, help="waiting requests (8)")
     p.add_argument("--max-pixels", type=_positive(int), default=opts.DEFAULT_MAX_PIXELS,
                    help=f"largest image in pixels, checked from its header "
