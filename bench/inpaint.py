@@ -102,11 +102,10 @@ def main() -> None:
     for name, dtype in dtypes.items():  # each with its own VAE: optimize() changes its layout
         pipe = InpaintPipeline(unet, copy.deepcopy(vae)).to(args.device)
         pipes[name] = pipe.optimize(dtype, compile=args.compile)
-        if args.compile:
-            pipes[name].set_progress_bar_config(disable=True)
-            pipes[name].warm_up()
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
+        if args.compile and pipe is not pipes["plain_fp32"]:
+            pipe.warm_up()
     unet_calls = int(args.steps * Recipe.strength)
 
     results = {}

@@ -5,6 +5,8 @@ fallback (mkldnn disabled: what other devices and torch.compile traces run), in 
 channels-last, and must match the plain block within float32 rounding and leave its input intact.
 """
 
+import copy
+
 import pytest
 import torch
 from test_optimize import _randomize_batchnorms
@@ -76,8 +78,7 @@ def test_fused_separable_conv(in_ch, out_ch, channels_last, mkldnn):
     torch.manual_seed(0)
     plain = _randomize_batchnorms(DepthwiseSeparableConv(in_ch, out_ch))
     x = torch.randn(2, in_ch, 10, 9)
-    folded = _randomize_batchnorms(DepthwiseSeparableConv(in_ch, out_ch))
-    folded.load_state_dict(plain.state_dict())
+    folded = copy.deepcopy(plain)
     fold_separable_conv(folded)
     _check(FusedSeparableConv(folded), plain, x, channels_last=channels_last, mkldnn=mkldnn)
 
@@ -92,12 +93,11 @@ def test_fused_separable_conv_needs_folded_norms():
 def test_fused_resnet(in_ch, out_ch, channels_last, mkldnn):
     torch.manual_seed(0)
     plain = _randomize_batchnorms(DWResnetBlock2D(in_ch, out_ch, 20, groups=8, eps=1e-5))
-    fused_src = DWResnetBlock2D(in_ch, out_ch, 20, 8, 1e-5)
-    fused_src.load_state_dict(plain.state_dict())
+    fused_src = copy.deepcopy(plain)
     for module in fused_src.modules():
         if isinstance(module, DepthwiseSeparableConv):
             fold_separable_conv(module)
-    fused = FusedResnet(fused_src.eval())
+    fused = FusedResnet(fused_src)
     x, temb = torch.randn(2, in_ch, 8, 10), torch.randn(2, 20)
     _check(fused, plain, x, temb, channels_last=channels_last, mkldnn=mkldnn)
 
